@@ -1,0 +1,619 @@
+"""The inference engine every entry point uses (sample.py, evaluate.py, serve_api.py, benchmarks).
+
+A continuous-batching generator of token ids over a KV cache allocated once:
+- `max_batch` cache slots of (H, max_seq_len, D) per layer; a request owns one slot from
+  prefill until it finishes, so nothing is allocated per token.
+- A scheduler (`step`, run by a background thread or inline) admits waiting requests between
+  decode steps, prefills them in padded batches of chunks, and runs one batched decode step
+  over the slots in use. Finished or cancelled requests leave at once and free their slot.
+- On CUDA the decode step is captured as CUDA graphs, one per (batch bucket, length bucket),
+  and runs one step ahead of the host: step t+1 is launched before the tokens of step t are
+  read back, so host bookkeeping overlaps GPU work.
+- Sampling runs on the device: temperature, top-k, top-p, with Gumbel noise from a hash of
+  (request seed, position, token) so a seeded request samples the same tokens whatever
+  else shares its batch.
+
+    engine = Engine(model, max_batch=8)
+    ids = engine.generate(prompt_ids, SamplingParams(max_tokens=50))      # inline
+    engine.start(); handle = engine.submit(prompt_ids, params, on_token=print)  # threaded
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 50
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int = 0  # 0 is off
+    top_p: float = 1.0
+    seed: int | None = None  # None draws a fresh seed per request
+    stop_token_ids: tuple[int, ...] = ()
+
+
+class QueueFull(RuntimeError):
+    """The wait queue is at max_queue: the caller should answer 429."""
+
+
+class EngineDead(RuntimeError):
+    """The engine failed and could not recover."""
+
+
+@dataclass
+class Request:
+    """One generation: its prompt, params, progress and timings. Returned by `submit`."""
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    on_token: Callable[[int], None] | None = None
+    on_finish: Callable[["Request"], None] | None = None
+    slot: int = -1
+    prefilled: int = 0
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    _cancelled: bool = False
+    _launched: int = 0  # tokens that launched steps will produce (ahead of `tokens` on CUDA)
+    _stopping: bool = False  # no further steps: its last token is in flight
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at its next step (thread-safe)."""
+        self._cancelled = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 tensors holding 32-bit values."""
+    m = 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & m
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & m
+    return x ^ (x >> 16)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Next token per row. logits (B, V) float; per-row temperature/top_k/top_p/seed/position (B,).
+
+    Rows with temperature 0 take the argmax. Others sample from softmax(logits / T) restricted
+    by top-k and top-p, by Gumbel-max with noise hashed from (seed, position, token): the draw
+    depends on the request alone, never on its neighbours in the batch."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    B, V = logits.shape
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    k_max = int(top_k.max())
+    if k_max > 0:
+        k_max = min(k_max, V)
+        kth = scaled.topk(k_max, dim=-1).values  # (B, k_max), descending
+        k = top_k.clamp(1, k_max)
+        threshold = kth.gather(1, (k - 1)[:, None])
+        scaled = torch.where((top_k[:, None] > 0) & (scaled < threshold), float("-inf"), scaled)
+    if bool((top_p < 1.0).any()):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the mass before it already reaches top_p (the first always stays)
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    base = _fmix32((seed & 0xFFFFFFFF) ^ _fmix32(position & 0xFFFFFFFF))  # (B,)
+    vocab = torch.arange(V, device=logits.device, dtype=torch.int64)
+    bits = _fmix32(base[:, None] ^ ((vocab * 0x9E3779B1) & 0xFFFFFFFF)[None, :])  # (B, V)
+    u = (bits.double() + 0.5) / 4294967296.0
+    gumbel = -torch.log(-torch.log(u)).float()
+    sampled = (scaled + gumbel).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def _buckets(limit: int, start: int) -> list[int]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def _bucket(value: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    raise ValueError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+def build_prompt(tokenizer, prefix: str, suffix: str | None = None,
+                 max_prompt_tokens: int | None = None) -> list[int]:
+    """Token ids for a completion at the cursor: plain prefix, or a PSM fill-in-the-middle prompt.
+
+    Over max_prompt_tokens, keep the text nearest the cursor: the end of the prefix and the
+    start of the suffix (the suffix gets at most a third of the budget)."""
+    prefix_ids = tokenizer.encode(prefix)
+    if suffix is None:
+        if max_prompt_tokens is not None and len(prefix_ids) > max_prompt_tokens:
+            prefix_ids = prefix_ids[-max_prompt_tokens:]
+        return prefix_ids
+    suffix_ids = tokenizer.encode(suffix)
+    if max_prompt_tokens is not None:
+        budget = max_prompt_tokens - 3  # the three FIM control tokens
+        if budget < 1:
+            raise ValueError("max_prompt_tokens too small for a fill-in-the-middle prompt")
+        if len(prefix_ids) + len(suffix_ids) > budget:
+            keep_suffix = min(len(suffix_ids), max(budget // 3, budget - len(prefix_ids)))
+            suffix_ids = suffix_ids[:keep_suffix]
+            prefix_ids = prefix_ids[len(prefix_ids) - (budget - keep_suffix):] if budget > keep_suffix else []
+    return ([tokenizer.fim_prefix_id] + prefix_ids + [tokenizer.fim_suffix_id] + suffix_ids
+            + [tokenizer.fim_middle_id])
+
+
+@torch.no_grad()
+def generate_without_cache(model: nn.Module, prompt: list[int], max_tokens: int,
+                           stop_token_ids: tuple[int, ...] = ()) -> list[int]:
+    """Greedy decoding that re-runs the whole sequence for every token (the chapter's way).
+    The reference the engine is tested against, and the naive baseline in the benchmarks."""
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    out: list[int] = []
+    for _ in range(max_tokens):
+        logits, _ = model(ids[:, -block:], last_only=True)
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        if nxt in stop_token_ids:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    return out
+
+
+class Engine:
+    """Continuous batching over a static KV cache. Thread-safe `submit`; one scheduler."""
+
+    def __init__(self, model: nn.Module, *, max_batch: int = 16, max_seq_len: int | None = None,
+                 max_queue: int = 256, prefill_chunk: int = 256, prefill_batch: int = 32,
+                 eos_id: int | None = None, cuda_graphs: bool | None = None,
+                 compile: bool | None = None, max_consecutive_errors: int = 3):
+        self.model = model.eval()
+        cfg = model.config
+        self.device = model.transformer.wte.weight.device
+        self.dtype = model.transformer.wte.weight.dtype
+        self.max_batch = max_batch
+        self.max_seq_len = min(max_seq_len or cfg.block_size, cfg.block_size)
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.prefill_batch = prefill_batch
+        self.eos_id = eos_id
+        self.max_consecutive_errors = max_consecutive_errors
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        self.compile = on_cuda if compile is None else compile
+        head_dim = cfg.n_embd // cfg.n_head
+        cache_dtype = self.dtype if self.dtype.is_floating_point else torch.float32
+        shape = (max_batch, cfg.n_head, self.max_seq_len, head_dim)
+        self.kv = [(torch.zeros(shape, dtype=cache_dtype, device=self.device),
+                    torch.zeros(shape, dtype=cache_dtype, device=self.device))
+                   for _ in range(cfg.n_layer)]
+        self.kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
+        # Per-slot decode state on the device; the host mirrors positions exactly.
+        z = lambda dt: torch.zeros(max_batch, dtype=dt, device=self.device)  # noqa: E731
+        self.tokens_buf, self.pos_buf, self.active_buf = z(torch.long), z(torch.long), z(torch.long)
+        self.temp_buf, self.topp_buf = z(torch.float32), z(torch.float32) + 1.0
+        self.topk_buf, self.seed_buf = z(torch.long), z(torch.long)
+        self.pos_host = [0] * max_batch
+        self.slots: list[Request | None] = [None] * max_batch
+        self._free = list(range(max_batch))  # a heap: the lowest free slot first keeps batches dense
+        self.batch_buckets = _buckets(max_batch, 1)
+        self.len_buckets = _buckets(self.max_seq_len, min(64, self.max_seq_len))
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
+        self._decode_fn = self._decode_forward
+        if self.compile:
+            self._decode_fn = torch.compile(self._decode_forward, dynamic=True)
+        self._waiting: deque[Request] = deque()
+        self._prefilling: list[Request] = []
+        self._ids = itertools.count()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._pending: tuple | None = None  # a launched decode step whose tokens are unread
+        self.healthy = True
+        self.dead_reason: str | None = None
+        self._consecutive_errors = 0
+        self.steps = 0
+        self.tokens_generated = 0
+
+    # ---- public API -------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams,
+               on_token: Callable[[int], None] | None = None,
+               on_finish: Callable[[Request], None] | None = None) -> Request:
+        """Queue a request. Raises QueueFull, EngineDead, or ValueError for a bad prompt."""
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len {self.max_seq_len}")
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        req = Request(next(self._ids), list(prompt), params, seed & 0x7FFFFFFF, on_token, on_finish)
+        with self._cv:
+            if not self.healthy:
+                raise EngineDead(self.dead_reason or "engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests waiting")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def generate(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> list[int]:
+        """Blocking convenience: the generated token ids (runs the scheduler inline if no thread)."""
+        req = self.submit(prompt, params)
+        if self._thread is None:
+            while not req.finished:
+                self.step()
+        else:
+            req.wait()
+        if req.finish_reason == "error":
+            raise RuntimeError(req.error or "generation failed")
+        return req.tokens
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        reqs = [self.submit(p, params) for p in prompts]
+        while not all(r.finished for r in reqs):
+            if self._thread is None:
+                self.step()
+            else:
+                reqs[-1].wait(0.01)
+        return [r.tokens for r in reqs]
+
+    def start(self) -> None:
+        """Run the scheduler on a background thread."""
+        if self._thread is not None:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def num_running(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the cache's token positions held by live requests."""
+        used = sum(self.pos_host[s] for s, r in enumerate(self.slots) if r is not None)
+        return used / (self.max_batch * self.max_seq_len)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._pending
+                    or any(r is not None for r in self.slots))
+
+    def warmup(self, max_len: int | None = None) -> None:
+        """Compile and capture the decode step for every batch bucket up to length max_len, and
+        run one prefill, so first requests don't pay for it."""
+        length = min(max_len or self.len_buckets[0], self.max_seq_len)
+        if self.cuda_graphs:
+            for lb in self.len_buckets:
+                for b in self.batch_buckets:
+                    self._run_decode(b, lb)
+                if lb >= length:
+                    break
+        self.generate([0] * min(8, self.max_seq_len - 1), SamplingParams(max_tokens=2))
+        self._reset_slots()
+
+    # ---- the scheduler -----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._running and not self.has_work():
+                    self._cv.wait(0.1)
+                if not self._running:
+                    break
+            self.step()
+        self._fail_all("engine stopped")
+
+    def step(self) -> None:
+        """One scheduler iteration: drop cancelled, prefill admitted requests, decode a step."""
+        try:
+            self._step()
+            self._consecutive_errors = 0
+        except Exception as e:  # a failed step must not take the process down
+            self._consecutive_errors += 1
+            log.error("engine step failed (%d in a row): %s", self._consecutive_errors,
+                      type(e).__name__, exc_info=log.isEnabledFor(logging.DEBUG))
+            self._pending = None
+            self._fail_running(f"engine error: {type(e).__name__}")
+            if self._consecutive_errors >= self.max_consecutive_errors or _is_fatal(e):
+                with self._cv:
+                    self.healthy = False
+                    self.dead_reason = f"engine failed: {type(e).__name__}"
+                    self._running = False
+                self._fail_all(self.dead_reason)
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._prefilling:
+            self._prefill()
+        launched = self._launch_decode()
+        if self._pending is not None:
+            self._finish_decode(*self._pending)
+            self._pending = None
+        if launched is not None:
+            if self.device.type == "cuda":
+                self._pending = launched  # read back next iteration, after the next launch
+            else:
+                self._finish_decode(*launched)
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            cancelled = [r for r in self._waiting if r._cancelled]
+            for r in cancelled:
+                self._waiting.remove(r)
+        for r in cancelled:
+            self._finish(r, "cancelled")
+        for r in list(self._prefilling):
+            if r._cancelled:
+                self._prefilling.remove(r)
+                self._release(r, "cancelled")
+        for r in self.slots:
+            if r is not None and r._cancelled and r not in self._prefilling and r.finish_reason is None:
+                self._release(r, "cancelled")
+
+    def _admit(self) -> None:
+        with self._cv:
+            while self._waiting and self._free and len(self._prefilling) < self.prefill_batch:
+                req = self._waiting.popleft()
+                req.slot = heapq.heappop(self._free)
+                req.scheduled_time = time.perf_counter()
+                self.slots[req.slot] = req
+                self._prefilling.append(req)
+
+    def _prefill(self) -> None:
+        """One padded batch of prompt chunks; rows whose prompt ends here get their first token."""
+        batch: list[Request] = []
+        T = 0
+        for r in self._prefilling[: self.prefill_batch]:
+            n = min(len(r.prompt) - r.prefilled, self.prefill_chunk)
+            # padded to the longest chunk, every row must still end inside the cache
+            if all(x.prefilled + max(T, n) <= self.max_seq_len for x in batch + [r]):
+                batch.append(r)
+                T = max(T, n)
+        chunks = [r.prompt[r.prefilled: r.prefilled + T] for r in batch]
+        ids = torch.zeros((len(batch), T), dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, : len(c)] = torch.tensor(c)
+        start = torch.tensor([r.prefilled for r in batch])
+        last = torch.tensor([len(c) - 1 for c in chunks])
+        rows = torch.tensor([r.slot for r in batch])
+        # Pad positions past the end write junk K/V beyond the prompt: decode overwrites each
+        # position before any query may attend to it, so the junk is never read.
+        length = _bucket(max(r.prefilled + T for r in batch), self.len_buckets)
+        dev = self.device
+        kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
+        logits, _ = self.model(ids.to(dev), kv_caches=kv, input_pos=start.to(dev),
+                               cache_rows=rows.to(dev), logits_index=last.to(dev))
+        done = []
+        for i, (r, c) in enumerate(zip(batch, chunks)):
+            r.prefilled += len(c)
+            self.pos_host[r.slot] = r.prefilled
+            if r.prefilled == len(r.prompt):
+                done.append(i)
+        # A slot still mid-prompt sits inside the decode batch as an idle row that writes junk
+        # at its position: point that at the next prompt position, which the next chunk rewrites.
+        self.pos_buf[rows.to(dev)] = torch.tensor([r.prefilled for r in batch], device=dev)
+        if not done:
+            return
+        idx = torch.tensor(done, device=dev)
+        reqs = [batch[i] for i in done]
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        p = [r.params for r in reqs]
+        self.temp_buf[slots] = torch.tensor([x.temperature for x in p], device=dev)
+        self.topk_buf[slots] = torch.tensor([x.top_k for x in p], device=dev)
+        self.topp_buf[slots] = torch.tensor([x.top_p for x in p], device=dev)
+        self.seed_buf[slots] = torch.tensor([r.seed for r in reqs], device=dev)
+        pos = torch.tensor([len(r.prompt) for r in reqs], device=dev)
+        first = sample_tokens(logits[idx, -1], self.temp_buf[slots], self.topk_buf[slots],
+                              self.topp_buf[slots], self.seed_buf[slots], pos - 1)
+        self.tokens_buf[slots] = first
+        self.pos_buf[slots] = pos
+        self.active_buf[slots] = 1
+        first_host = first.tolist()
+        for r in reqs:
+            self._prefilling.remove(r)
+        now = time.perf_counter()
+        for r, tok in zip(reqs, first_host):
+            r.first_token_time = now
+            r._launched = 1
+            self._emit(r, tok)
+
+    def _active_rows(self) -> list[int]:
+        return [s for s, r in enumerate(self.slots)
+                if r is not None and r.finish_reason is None and r.first_token_time is not None
+                and not r._stopping]
+
+    def _launch_decode(self):
+        rows = self._active_rows()
+        if not rows:
+            return None
+        B = _bucket(max(rows) + 1, self.batch_buckets)
+        # every row in [0, B) writes at its position this step, live or not: stay in bounds
+        length = _bucket(max(self.pos_host[:B]) + 1, self.len_buckets)
+        logits = self._run_decode(B, length)
+        sampling = any(self.slots[s].params.temperature > 0 for s in rows)
+        if sampling:
+            nxt = sample_tokens(logits, self.temp_buf[:B], self.topk_buf[:B], self.topp_buf[:B],
+                                self.seed_buf[:B], self.pos_buf[:B])
+        else:
+            nxt = logits.argmax(dim=-1)
+        active = self.active_buf[:B]
+        self.tokens_buf[:B] = torch.where(active.bool(), nxt, self.tokens_buf[:B])
+        self.pos_buf[:B] += active
+        for s in rows:
+            self.pos_host[s] += 1
+        out = nxt.to("cpu", non_blocking=True) if self.device.type == "cuda" else nxt
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.steps += 1
+        # Requests that reach max_tokens or the end of the cache with this step get no further
+        # step; their idle row writes junk at position 0 of their own slot, which is harmless.
+        ending = []
+        for s in rows:
+            r = self.slots[s]
+            r._launched += 1
+            if r._launched >= r.params.max_tokens or self.pos_host[s] >= self.max_seq_len:
+                r._stopping = True
+                self.active_buf[s] = 0
+                self.pos_buf[s] = 0
+                self.pos_host[s] = 0
+                ending.append(s)
+        return rows, [self.slots[s] for s in rows], out, event, set(ending)
+
+    def _finish_decode(self, rows, reqs, out, event, ending) -> None:
+        if event is not None:
+            event.synchronize()
+        tokens = out.tolist()
+        for s, r in zip(rows, reqs):
+            if r.finish_reason is not None:
+                continue  # finished (stop token, cancel) while this step was in flight
+            self._emit(r, tokens[s])
+            if r.finish_reason is None and s in ending:
+                self._release(r, "length")
+
+    def _emit(self, r: Request, token: int) -> None:
+        r.tokens.append(token)
+        self.tokens_generated += 1
+        if r.on_token is not None:
+            try:
+                r.on_token(token)
+            except Exception:  # a broken consumer loses its request, not the engine
+                log.warning("on_token callback failed for request %d", r.id)
+                r._cancelled = True
+        stops = r.params.stop_token_ids
+        if token in stops or (self.eos_id is not None and token == self.eos_id):
+            self._release(r, "stop")
+        elif len(r.tokens) >= r.params.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_seq_len:
+            self._release(r, "length")
+
+    def _release(self, r: Request, reason: str, error: str | None = None) -> None:
+        if r.slot >= 0 and self.slots[r.slot] is r:
+            s = r.slot
+            self.active_buf[s] = 0
+            self.pos_buf[s] = 0
+            self.pos_host[s] = 0
+            self.slots[s] = None
+            heapq.heappush(self._free, s)
+        self._finish(r, reason, error)
+
+    def _finish(self, r: Request, reason: str, error: str | None = None) -> None:
+        if r.finish_reason is not None:
+            return
+        r.finish_reason = reason
+        r.error = error
+        r.finish_time = time.perf_counter()
+        r._done.set()
+        if r.on_finish is not None:
+            try:
+                r.on_finish(r)
+            except Exception:
+                log.warning("on_finish callback failed for request %d", r.id)
+
+    def _fail_running(self, message: str) -> None:
+        for r in list(self.slots):
+            if r is not None:
+                self._release(r, "error", message)
+        self._prefilling.clear()
+        self._reset_slots()
+
+    def _fail_all(self, message: str) -> None:
+        self._fail_running(message)
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        for r in waiting:
+            self._finish(r, "error", message)
+
+    def _reset_slots(self) -> None:
+        self.active_buf.zero_()
+        self.pos_buf.zero_()
+        self.pos_host = [0] * self.max_batch
+        self.slots = [None] * self.max_batch
+        self._free = list(range(self.max_batch))
+        self._pending = None
+
+    # ---- the decode step -----------------------------------------------------------------
+    def _decode_forward(self, B: int, length: int) -> torch.Tensor:
+        kv = [(k[:B, :, :length], v[:B, :, :length]) for k, v in self.kv]
+        logits, _ = self.model(self.tokens_buf[:B, None], kv_caches=kv,
+                               input_pos=self.pos_buf[:B], last_only=True)
+        return logits[:, 0].float()  # (B, V)
+
+    def _run_decode(self, B: int, length: int) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self._decode_fn(B, length)
+        key = (B, length)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(B, length)
+        graph, out = self._graphs[key]
+        graph.replay()
+        return out
+
+    def _capture(self, B: int, length: int):
+        # Warm up on a side stream (compiles, autotunes, allocates), then record the graph.
+        # The warm-up forwards write at each row's current position exactly what the real step
+        # will write there, so they need no undoing, even with live requests.
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                self._decode_fn(B, length)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = self._decode_fn(B, length)
+        return graph, out
+
+
+def _is_fatal(e: Exception) -> bool:
+    """CUDA errors leave the context unusable: no retry will help."""
+    text = f"{type(e).__name__} {e}"
+    return "CUDA error" in text or "AcceleratorError" in text
