@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from model import KVCache
+
 log = logging.getLogger(__name__)
 
 
@@ -213,14 +215,15 @@ class Engine:
         self.compile = on_cuda if compile is None else compile
         head_dim = cfg.n_embd // cfg.n_head
         cache_dtype = self.dtype if self.dtype.is_floating_point else torch.float32
-        shape = (max_batch, cfg.n_head, self.max_seq_len, head_dim)
-        self.kv = [(torch.zeros(shape, dtype=cache_dtype, device=self.device),
-                    torch.zeros(shape, dtype=cache_dtype, device=self.device))
-                   for _ in range(cfg.n_layer)]
+        self.decoder = _DecodeStep(model, [
+            KVCache(max_batch, cfg.n_head, self.max_seq_len, head_dim, cache_dtype, self.device)
+            for _ in range(cfg.n_layer)])
+        self.kv = self.decoder.kv
         self.kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in self.kv)
         # Per-slot decode state on the device; the host mirrors positions exactly.
         z = lambda dt: torch.zeros(max_batch, dtype=dt, device=self.device)  # noqa: E731
-        self.tokens_buf, self.pos_buf, self.active_buf = z(torch.long), z(torch.long), z(torch.long)
+        self.tokens_buf, self.pos_buf = self.decoder.tokens, self.decoder.pos
+        self.active_buf = z(torch.long)
         self.temp_buf, self.topp_buf = z(torch.float32), z(torch.float32) + 1.0
         self.topk_buf, self.seed_buf = z(torch.long), z(torch.long)
         self.pos_host = [0] * max_batch
@@ -230,9 +233,13 @@ class Engine:
         self.len_buckets = _buckets(self.max_seq_len, min(64, self.max_seq_len))
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
-        self._decode_fn = self._decode_forward
+        self._warm_stream = None
+        self._decode_fn = self.decoder
         if self.compile:
-            self._decode_fn = torch.compile(self._decode_forward, dynamic=True)
+            # One dynamic-shape compile serves every (batch, length) bucket; a few recompiles
+            # (size-1 specialisation) are expected, so leave room above dynamo's default of 8.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+            self._decode_fn = torch.compile(self.decoder, dynamic=True)
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
         self._ids = itertools.count()
@@ -426,9 +433,8 @@ class Engine:
         # position before any query may attend to it, so the junk is never read.
         length = _bucket(max(r.prefilled + T for r in batch), self.len_buckets)
         dev = self.device
-        kv = [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv]
-        logits, _ = self.model(ids.to(dev), kv_caches=kv, input_pos=start.to(dev),
-                               cache_rows=rows.to(dev), logits_index=last.to(dev))
+        logits, _ = self.model(ids.to(dev), kv_caches=self.kv, input_pos=start.to(dev),
+                               cache_rows=rows.to(dev), logits_index=last.to(dev), kv_len=length)
         done = []
         for i, (r, c) in enumerate(zip(batch, chunks)):
             r.prefilled += len(c)
@@ -579,12 +585,6 @@ class Engine:
         self._pending = None
 
     # ---- the decode step -----------------------------------------------------------------
-    def _decode_forward(self, B: int, length: int) -> torch.Tensor:
-        kv = [(k[:B, :, :length], v[:B, :, :length]) for k, v in self.kv]
-        logits, _ = self.model(self.tokens_buf[:B, None], kv_caches=kv,
-                               input_pos=self.pos_buf[:B], last_only=True)
-        return logits[:, 0].float()  # (B, V)
-
     def _run_decode(self, B: int, length: int) -> torch.Tensor:
         if not self.cuda_graphs:
             return self._decode_fn(B, length)
@@ -599,7 +599,9 @@ class Engine:
         # Warm up on a side stream (compiles, autotunes, allocates), then record the graph.
         # The warm-up forwards write at each row's current position exactly what the real step
         # will write there, so they need no undoing, even with live requests.
-        s = torch.cuda.Stream()
+        if self._warm_stream is None:  # one stream: its cached blocks serve every capture
+            self._warm_stream = torch.cuda.Stream()
+        s = self._warm_stream
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
@@ -611,6 +613,31 @@ class Engine:
         with torch.cuda.graph(graph, pool=self._graph_pool):
             out = self._decode_fn(B, length)
         return graph, out
+
+
+class _DecodeStep(nn.Module):
+    """One decode step over slots [0, B) attending to `length` cache positions.
+
+    The caches and the token/position inputs are buffers of this module, as in gpt-fast:
+    the compiler then updates the caches in place, where plain tensors passed in would be
+    treated as mutated inputs and copied whole on every step."""
+
+    def __init__(self, model: nn.Module, caches: list[KVCache]):
+        super().__init__()
+        self.model = model
+        self.caches = nn.ModuleList(caches)
+        batch, device = caches[0].k.size(0), caches[0].k.device
+        self.register_buffer("tokens", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("pos", torch.zeros(batch, dtype=torch.long, device=device), persistent=False)
+
+    @property
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(c.k, c.v) for c in self.caches]
+
+    def forward(self, B: int, length: int) -> torch.Tensor:
+        logits, _ = self.model(self.tokens[:B, None], kv_caches=[(c.k, c.v) for c in self.caches],
+                               input_pos=self.pos[:B], last_only=True, kv_len=length)
+        return logits[:, 0].float()  # (B, V)
 
 
 def _is_fatal(e: Exception) -> bool:

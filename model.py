@@ -54,7 +54,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 input_pos: torch.Tensor | None = None,
-                cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                cache_rows: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
@@ -64,20 +64,19 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         else:
-            # cache: (S, H, L, D) slot caches; input_pos: (B,) position of x[:, 0] in each row;
-            # cache_rows: (B,) the slot of each row (default: row b uses slot b).
+            # cache: (S, H, Lmax, D) slot caches; input_pos: (B,) position of x[:, 0] in each row;
+            # cache_rows: (B,) the slot of each row (default: row b uses slot b); kv_len: how many
+            # leading positions to attend over (default all), so short sequences read less.
             cache_k, cache_v = cache
-            L = cache_k.size(2)
+            L = kv_len or cache_k.size(2)
             query_pos = input_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            if cache_rows is None:
-                rows = torch.arange(B, device=x.device)
-                keys, values = cache_k[:B], cache_v[:B]  # views: what we write below shows up
-            else:
-                rows = cache_rows
+            rows = cache_rows if cache_rows is not None else torch.arange(B, device=x.device)
             cache_k[rows[:, None], :, query_pos] = k.transpose(1, 2).to(cache_k.dtype)  # (B, T, H, D)
             cache_v[rows[:, None], :, query_pos] = v.transpose(1, 2).to(cache_v.dtype)
-            if cache_rows is not None:
-                keys, values = cache_k[rows], cache_v[rows]  # gathered after the write
+            if cache_rows is None:  # slots 0..B-1: a view, no copy
+                keys, values = cache_k[:B, :, :L], cache_v[:B, :, :L]
+            else:  # gathered after the write
+                keys, values = cache_k[rows, :, :L], cache_v[rows, :, :L]
             key_pos = torch.arange(L, device=x.device)
             mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, T, L)
             y = F.scaled_dot_product_attention(
@@ -106,8 +105,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache=None, input_pos=None, cache_rows=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, input_pos, cache_rows)
+    def forward(self, x: torch.Tensor, cache=None, input_pos=None, cache_rows=None,
+                kv_len=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, input_pos, cache_rows, kv_len)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -147,11 +147,12 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 input_pos: torch.Tensor | None = None, last_only: bool = False,
-                cache_rows: torch.Tensor | None = None, logits_index: torch.Tensor | None = None):
+                cache_rows: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
+                kv_len: int | None = None):
         """idx (B, T) token ids. Training: targets (B, T) -> (logits, loss).
-        Generation: kv_caches, one (k, v) pair of (S, H, L, D) slot caches per layer; input_pos
+        Generation: kv_caches, one (k, v) pair of (S, H, Lmax, D) slot caches per layer; input_pos
         (B,) the position of idx[:, 0] in each row; cache_rows (B,) the slot of each row (default
-        row b -> slot b). last_only returns logits (B, 1, V) for the last token only, and
+        row b -> slot b); kv_len the number of cache positions attended over. last_only returns logits (B, 1, V) for the last token only, and
         logits_index (B,) for one chosen position per row (rows of different lengths)."""
         B, T = idx.size()
         if input_pos is None:
@@ -161,7 +162,7 @@ class GPT(nn.Module):
             pos = input_pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None, input_pos, cache_rows)
+            x = block(x, kv_caches[i] if kv_caches is not None else None, input_pos, cache_rows, kv_len)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)

@@ -1,0 +1,213 @@
+"""Side-by-side generation speed on one GPU: naive loop, Hugging Face generate, our engine,
+and our server over HTTP, on the same GPT-2 124M-shape weights.
+
+    python bench/serving_gpu.py --out bench/results/serving_h100.json
+    python bench/serving_gpu.py --device cpu --shape tiny --runs 2 --skip-server   # smoke test
+
+64-token prompt, 50 new tokens, greedy. Writes one JSON with the device name, date and the
+exact command. The server part starts serve_api.py on a free port with a checkpoint of the
+same weights and runs benchmark_api's concurrency sweep against it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine import Engine, SamplingParams, generate_without_cache  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+SHAPES = {
+    "124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304),
+    "tiny": dict(n_layer=2, n_head=4, n_embd=128, block_size=256, vocab_size=4096),
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def hf_model_from(model: GPT, dtype: torch.dtype):
+    """The same weights as a transformers GPT2LMHeadModel (Conv1D weights are transposed)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd,
+                                    n_positions=c.block_size, vocab_size=c.vocab_size))
+    sd = model.state_dict()
+    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    hf_sd = {}
+    for k, v in sd.items():
+        if k == "lm_head.weight":
+            continue
+        hf_sd[k] = v.t() if k.endswith(transposed) else v
+    hf.transformer.load_state_dict(
+        {k.removeprefix("transformer."): v for k, v in hf_sd.items()}, strict=False)
+    hf.tie_weights()
+    return hf.to(device=sd["transformer.wte.weight"].device, dtype=dtype).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shape", default="124M", choices=SHAPES)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=50)
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="engine: CUDA graphs of eager kernels")
+    ap.add_argument("--out", default="bench/results/serving_h100.json")
+    args = ap.parse_args()
+    device = args.device
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = GPTConfig(**SHAPES[args.shape])
+    model = GPT(cfg).to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size - 64, (args.prompt_len,), generator=g).tolist()
+    n = args.new_tokens
+    result: dict = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "torch": torch.__version__, "shape": args.shape, "dtype": str(dtype),
+        "prompt_tokens": args.prompt_len, "new_tokens": n, "single_stream_p50_ms": {},
+    }
+    print(f"device {result['device']}  shape {args.shape}  dtype {dtype}", flush=True)
+
+    naive_runs = max(3, args.runs // 4)
+    with torch.no_grad():
+        generate_without_cache(model, prompt, 5)
+        t = timed(lambda: generate_without_cache(model, prompt, n), device, naive_runs)
+    result["single_stream_p50_ms"]["naive"] = statistics.median(t)
+    print(f"naive   p50 {statistics.median(t):8.2f} ms", flush=True)
+
+    if not args.skip_hf:
+        hf = hf_model_from(model, dtype)
+        ids = torch.tensor([prompt], device=device)
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        with torch.no_grad():
+            hf.generate(ids, **kw)
+            t = timed(lambda: hf.generate(ids, **kw), device, max(3, args.runs // 4))
+        result["single_stream_p50_ms"]["hf"] = statistics.median(t)
+        print(f"hf      p50 {statistics.median(t):8.2f} ms", flush=True)
+        del hf
+
+    batches = [int(b) for b in args.batches.split(",")]
+    max_batch = max(batches)
+    t0 = time.perf_counter()
+    engine = Engine(model, max_batch=max_batch, max_seq_len=min(cfg.block_size, 256),
+                    max_queue=4 * max_batch, prefill_batch=max_batch,
+                    compile=False if args.no_compile else None)
+    engine.warmup(args.prompt_len + n)
+    result["engine_warmup_s"] = time.perf_counter() - t0
+    if device == "cuda":
+        from torch._dynamo.utils import counters
+        result["engine_graphs_captured"] = len(engine._graphs)
+        result["dynamo_counters"] = {k: dict(v) for k, v in counters.items() if k in ("stats", "recompiles")}
+        print(result["dynamo_counters"], flush=True)
+    print(f"engine warmup {result['engine_warmup_s']:.1f} s", flush=True)
+    params = SamplingParams(max_tokens=n)
+    engine.generate(prompt, params)
+    t = timed(lambda: engine.generate(prompt, params), device, args.runs)
+    result["single_stream_p50_ms"]["engine"] = statistics.median(t)
+    print(f"engine  p50 {statistics.median(t):8.2f} ms", flush=True)
+    # correctness on the GPU: the engine's greedy tokens against the naive loop's
+    with torch.no_grad():
+        ref = generate_without_cache(model, prompt, n)
+    got = engine.generate(prompt, params)
+    agree = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+    result["engine_vs_naive_agreeing_prefix_tokens"] = agree
+    result["engine_batch"] = []
+    for b in batches:
+        prompts = [torch.randint(0, cfg.vocab_size - 64, (args.prompt_len,), generator=g).tolist()
+                   for _ in range(b)]
+        engine.generate_batch(prompts, params)
+        t = timed(lambda: engine.generate_batch(prompts, params), device, 3)
+        ms = statistics.median(t)
+        row = {"batch": b, "ms": ms, "tokens_per_s": b * n / (ms / 1000)}
+        result["engine_batch"].append(row)
+        print(f"engine batch {b:4d}: {ms:8.2f} ms  {row['tokens_per_s']:10.0f} tok/s", flush=True)
+
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            engine.generate(prompt, params)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        result["profile_single_stream_top_cpu"] = table
+        print(table)
+
+    if not args.skip_server:
+        result.update(run_server_bench(model, args, device))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=2))
+
+
+def run_server_bench(model: GPT, args, device: str) -> dict:
+    """Serve the same weights with serve_api.py and sweep concurrency with benchmark_api."""
+    import benchmark_api
+    from checkpoint import save_model
+    from tokenizer import train_bpe
+    ckpt = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    # A byte-level BPE of the model's size so text prompts map into the vocabulary.
+    texts = [p.read_text(errors="ignore") for p in sorted(Path(__file__).parent.parent.glob("*.py"))]
+    tok = train_bpe(texts * 4, 512)
+    tok.save(ckpt)
+    meta = {"model_config": model.config.to_dict(), "tokenizer": tok.kind, "step": 0}
+    save_model(ckpt, model.float().state_dict(), meta)
+    model.to(torch.bfloat16 if device == "cuda" else torch.float32)
+    port = benchmark_api.free_port() if hasattr(benchmark_api, "free_port") else 8765
+    env = dict(os.environ, MODEL_PATH=str(ckpt), DEVICE=device, PORT=str(port),
+               MAX_CONCURRENT_SEQUENCES="256", MAX_QUEUE="1024", LOG_LEVEL="warning",
+               DTYPE="bfloat16" if device == "cuda" else "float32")
+    proc = subprocess.Popen([sys.executable, "serve_api.py"], env=env,
+                            cwd=Path(__file__).resolve().parent.parent)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import requests
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            try:
+                if requests.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError("server exited during start")
+            time.sleep(1)
+        single = benchmark_api.run_sweep(url, [1], max_tokens=args.new_tokens, requests=50, duration=30)
+        sweep = benchmark_api.run_sweep(url, [1, 8, 32, 64, 128, 256], max_tokens=args.new_tokens,
+                                        requests=4000, duration=20)
+        return {"server_single": single, "concurrency": sweep,
+                "single_stream_p50_ms_server": single[0]["p50_ms"]}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
