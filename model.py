@@ -54,7 +54,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
                 input_pos: torch.Tensor | None = None,
-                cache_rows: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
+                cache_rows: torch.Tensor | None = None, kv_len: int | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
@@ -67,20 +68,22 @@ class CausalSelfAttention(nn.Module):
             # cache: (S, H, Lmax, D) slot caches; input_pos: (B,) position of x[:, 0] in each row;
             # cache_rows: (B,) the slot of each row (default: row b uses slot b); kv_len: how many
             # leading positions to attend over (default all), so short sequences read less.
+            # attn_mask: (B, 1, T, L) bool from GPT.forward, shared by every layer.
             cache_k, cache_v = cache
             L = kv_len or cache_k.size(2)
-            query_pos = input_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            rows = cache_rows if cache_rows is not None else torch.arange(B, device=x.device)
-            cache_k[rows[:, None], :, query_pos] = k.transpose(1, 2).to(cache_k.dtype)  # (B, T, H, D)
-            cache_v[rows[:, None], :, query_pos] = v.transpose(1, 2).to(cache_v.dtype)
-            if cache_rows is None:  # slots 0..B-1: a view, no copy
+            if cache_rows is None:  # slots 0..B-1: one scatter along time, views without copies
+                index = (input_pos[:, None] + torch.arange(T, device=x.device))  # (B, T)
+                index = index[:, None, :, None].expand(B, self.n_head, T, C // self.n_head)
+                cache_k[:B].scatter_(2, index, k.to(cache_k.dtype))
+                cache_v[:B].scatter_(2, index, v.to(cache_v.dtype))
                 keys, values = cache_k[:B, :, :L], cache_v[:B, :, :L]
-            else:  # gathered after the write
-                keys, values = cache_k[rows, :, :L], cache_v[rows, :, :L]
-            key_pos = torch.arange(L, device=x.device)
-            mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, T, L)
+            else:  # prefill into chosen slots; gathered after the write
+                query_pos = input_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
+                cache_k[cache_rows[:, None], :, query_pos] = k.transpose(1, 2).to(cache_k.dtype)
+                cache_v[cache_rows[:, None], :, query_pos] = v.transpose(1, 2).to(cache_v.dtype)
+                keys, values = cache_k[cache_rows, :, :L], cache_v[cache_rows, :, :L]
             y = F.scaled_dot_product_attention(
-                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask[:, None])
+                q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -106,8 +109,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache=None, input_pos=None, cache_rows=None,
-                kv_len=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, input_pos, cache_rows, kv_len)
+                kv_len=None, attn_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, input_pos, cache_rows, kv_len, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -161,8 +164,13 @@ class GPT(nn.Module):
         else:
             pos = input_pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        mask = None
+        if kv_caches is not None:  # query at position p sees cache positions <= p
+            L = kv_len or kv_caches[0][0].size(2)
+            mask = (torch.arange(L, device=idx.device)[None, None, :] <= pos[:, :, None])[:, None]
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None, input_pos, cache_rows, kv_len)
+            x = block(x, kv_caches[i] if kv_caches is not None else None, input_pos, cache_rows,
+                      kv_len, mask)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)

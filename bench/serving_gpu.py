@@ -156,8 +156,10 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             engine.generate(prompt, params)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-        result["profile_single_stream_top_cpu"] = table
+        result["profile_single_stream_top_cpu"] = prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=12)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+        result["profile_single_stream_top_cuda"] = table
         print(table)
 
     if not args.skip_server:

@@ -1,0 +1,53 @@
+# code-assistant: `make demo` runs the whole pipeline offline on a CPU; `make test` runs every test.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA := data/stdlib
+OUT := out-code-assistant
+QUANT := $(OUT)-int8-dynamic
+PORT ?= 8000
+
+.PHONY: demo serve test test-fast setup setup-dev system-deps clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+setup: $(BIN)/python ## runtime dependencies (CPU torch pinned)
+	$(BIN)/pip install -q -r requirements.txt
+
+setup-dev: $(BIN)/python system-deps
+	$(BIN)/pip install -q -r requirements-dev.txt
+
+# redis-server for the response-cache test; installed only where we are root with apt.
+system-deps:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "warning: could not install redis-server"; \
+	  else echo "note: redis-server not found; install it for the Redis cache test"; fi; \
+	fi
+
+demo: setup
+	@start=$$(date +%s); \
+	$(BIN)/python collect_code.py --out $(DATA) --vocab-size 4096 && \
+	$(BIN)/python train.py config/tiny.py && \
+	$(BIN)/python sample.py --ckpt $(OUT) --prompt "def fibonacci(n):" --prompt "class Stack:" \
+	  --prompt "import os\n\ndef list_python_files(root):" --max-tokens 60 && \
+	$(BIN)/python evaluate.py --ckpt $(OUT) --lines 100 --files 30 --out $(OUT)/eval.json && \
+	$(BIN)/python quantize_model.py --ckpt $(OUT) --mode int8-dynamic --out $(QUANT) && \
+	MODEL_PATH=$(QUANT) PORT=$(PORT) bash scripts/demo_serve.sh && \
+	echo "make demo finished in $$(( $$(date +%s) - start )) s"
+
+serve: setup
+	MODEL_PATH=$${MODEL_PATH:-$(QUANT)} PORT=$(PORT) $(BIN)/python serve_api.py
+
+test: setup-dev
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+# Skips the slow end-to-end suites (server load, schemathesis, DDP, stdlib round trip).
+test-fast: setup-dev
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) data $(OUT) $(QUANT)
