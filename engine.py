@@ -197,7 +197,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, max_batch: int = 16, max_seq_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 256, prefill_batch: int = 32,
-                 eos_id: int | None = None, cuda_graphs: bool | None = None,
+                 eos_id: int | None = None, vocab_size: int | None = None,
+                 cuda_graphs: bool | None = None,
                  compile: bool | None = None, max_consecutive_errors: int = 3):
         self.model = model.eval()
         cfg = model.config
@@ -209,6 +210,9 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.prefill_batch = prefill_batch
         self.eos_id = eos_id
+        # The model's vocabulary is padded to a multiple of 64; ids past the tokenizer's are
+        # never sampled (they would not decode).
+        self.vocab_size = min(vocab_size or cfg.vocab_size, cfg.vocab_size)
         self.max_consecutive_errors = max_consecutive_errors
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
@@ -455,7 +459,7 @@ class Engine:
         self.topp_buf[slots] = torch.tensor([x.top_p for x in p], device=dev)
         self.seed_buf[slots] = torch.tensor([r.seed for r in reqs], device=dev)
         pos = torch.tensor([len(r.prompt) for r in reqs], device=dev)
-        first = sample_tokens(logits[idx, -1], self.temp_buf[slots], self.topk_buf[slots],
+        first = sample_tokens(logits[idx, -1, : self.vocab_size], self.temp_buf[slots], self.topk_buf[slots],
                               self.topp_buf[slots], self.seed_buf[slots], pos - 1)
         self.tokens_buf[slots] = first
         self.pos_buf[slots] = pos
@@ -481,7 +485,7 @@ class Engine:
         B = _bucket(max(rows) + 1, self.batch_buckets)
         # every row in [0, B) writes at its position this step, live or not: stay in bounds
         length = _bucket(max(self.pos_host[:B]) + 1, self.len_buckets)
-        logits = self._run_decode(B, length)
+        logits = self._run_decode(B, length)[:, : self.vocab_size]
         sampling = any(self.slots[s].params.temperature > 0 for s in rows)
         if sampling:
             nxt = sample_tokens(logits, self.temp_buf[:B], self.topk_buf[:B], self.topp_buf[:B],

@@ -128,7 +128,7 @@ def exact_match(engine: Engine, tokenizer, cases, fim: bool, max_tokens: int = 4
 
 def next_line_exact_match(model, tokenizer, texts: list[str], n: int = 100, seed: int = 0) -> float:
     """Fraction of `n` held-out lines that greedy decoding reproduces from the lines above."""
-    engine = Engine(model, max_batch=16, eos_id=tokenizer.eot_id)
+    engine = Engine(model, max_batch=16, eos_id=tokenizer.eot_id, vocab_size=tokenizer.n_vocab)
     return exact_match(engine, tokenizer, line_cases(texts, n, seed), fim=False)
 
 
@@ -138,7 +138,7 @@ def evaluate(ckpt: str, files: list[Path], n_lines: int, n_files: int, seed: int
     texts = read_texts(files, n_files, seed)
     if not texts:
         raise FileNotFoundError("no readable held-out Python files")
-    engine = Engine(model, max_batch=16, eos_id=tokenizer.eot_id)
+    engine = Engine(model, max_batch=16, eos_id=tokenizer.eot_id, vocab_size=tokenizer.n_vocab)
     cases = line_cases(texts, n_lines, seed)
     return {
         "ckpt": ckpt,

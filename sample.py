@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    engine = Engine(model, max_batch=len(args.prompt), eos_id=tokenizer.eot_id)
+    engine = Engine(model, max_batch=len(args.prompt), eos_id=tokenizer.eot_id,
+                    vocab_size=tokenizer.n_vocab)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     max_prompt = engine.max_seq_len - args.max_tokens

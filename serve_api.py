@@ -105,8 +105,8 @@ class EngineBackend:
         meta = read_meta(path)
         model, tokenizer, meta = load_model(path, device, dtype)
         engine = Engine(model, max_batch=s.max_concurrent_sequences, max_queue=s.max_queue,
-                        eos_id=tokenizer.eot_id)
-        engine.warmup()
+                        eos_id=tokenizer.eot_id, vocab_size=tokenizer.n_vocab)
+        engine.warmup(engine.max_seq_len)  # on CUDA: every graph bucket before /ready says 200
         _install_test_hooks(engine, s)
         engine.start()
         stat = (path / "model.safetensors").stat()

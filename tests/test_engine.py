@@ -1,0 +1,203 @@
+"""The inference engine against the no-cache reference, on CPU in fp32."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import (Engine, EngineDead, QueueFull, SamplingParams, build_prompt,
+                    generate_without_cache, sample_tokens)
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=96, vocab_size=192, n_layer=2, n_head=4, n_embd=64)).eval()
+
+
+def random_requests(n: int, seed: int, vocab: int = 192):
+    rng = random.Random(seed)
+    return [([rng.randrange(vocab) for _ in range(rng.randint(1, 50))], rng.randint(1, 30))
+            for _ in range(n)]
+
+
+def test_batched_greedy_equals_each_request_alone_without_cache(model):
+    """Requests join mid-flight, have different lengths, leave at different steps."""
+    reqs = random_requests(14, seed=1)
+    reference = [generate_without_cache(model, p, n) for p, n in reqs]
+    # few slots, small chunks and prefill batches: slot reuse, chunked and batched prefill
+    engine = Engine(model, max_batch=4, prefill_chunk=8, prefill_batch=3)
+    rng = random.Random(2)
+    handles = []
+    for prompt, n in reqs:
+        handles.append(engine.submit(prompt, SamplingParams(max_tokens=n)))
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+    while not all(h.finished for h in handles):
+        engine.step()
+    for h, ref in zip(handles, reference):
+        assert h.tokens == ref
+        assert h.finish_reason == "length"
+    assert engine.num_running == 0 and sorted(engine._free) == list(range(4))
+
+
+def test_generation_stops_at_the_end_of_the_context(model):
+    prompt = [3] * 90
+    out = Engine(model, max_batch=2).generate(prompt, SamplingParams(max_tokens=50))
+    assert len(out) == 96 - 90
+    assert out == generate_without_cache(model, prompt, len(out))
+
+
+def test_stop_tokens_end_a_request(model):
+    prompt = [5, 6, 7]
+    ref = generate_without_cache(model, prompt, 20)
+    stop = ref[4]
+    out = Engine(model, max_batch=2).generate(prompt, SamplingParams(max_tokens=20, stop_token_ids=(stop,)))
+    assert out == ref[: ref.index(stop) + 1]
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(model):
+    params = SamplingParams(max_tokens=25, temperature=0.9, top_k=40, top_p=0.95, seed=1234)
+    prompt = [11, 12, 13, 14]
+    alone = Engine(model, max_batch=1).generate(prompt, params)
+    engine = Engine(model, max_batch=6)
+    noise = [engine.submit(p, SamplingParams(max_tokens=n, temperature=1.0, seed=i))
+             for i, (p, n) in enumerate(random_requests(5, seed=3))]
+    mine = engine.submit(prompt, params)
+    while not mine.finished or not all(h.finished for h in noise):
+        engine.step()
+    assert mine.tokens == alone
+    other_seed = Engine(model, max_batch=1).generate(prompt, SamplingParams(
+        max_tokens=25, temperature=0.9, top_k=40, top_p=0.95, seed=99))
+    assert other_seed != alone  # the seed matters
+
+
+def test_sampler_respects_top_k_and_top_p():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50)
+    B = logits.size(0)
+    one = lambda v, dt=torch.float32: torch.full((B,), v, dtype=dt)  # noqa: E731
+    seeds, pos = torch.arange(B), torch.zeros(B, dtype=torch.long)
+    top3 = logits.topk(3, dim=-1).indices
+    out = sample_tokens(logits, one(1.0), one(3, torch.long), one(1.0), seeds, pos)
+    assert all(out[i] in top3[i] for i in range(B))
+    # top_p tiny keeps only the most likely token
+    out = sample_tokens(logits, one(1.0), one(0, torch.long), one(1e-6), seeds, pos)
+    assert torch.equal(out, logits.argmax(-1))
+    # temperature 0 is greedy
+    out = sample_tokens(logits, one(0.0), one(0, torch.long), one(1.0), seeds, pos)
+    assert torch.equal(out, logits.argmax(-1))
+    # unrestricted sampling follows the distribution: the frequency of the argmax token over
+    # many seeds is near its probability
+    probs = logits[0].softmax(-1)
+    rows = logits[:1].expand(4000, -1)
+    n = rows.size(0)
+    draws = sample_tokens(rows, torch.ones(n), torch.zeros(n, dtype=torch.long), torch.ones(n),
+                          torch.arange(n), torch.zeros(n, dtype=torch.long))
+    top = int(probs.argmax())
+    assert abs((draws == top).float().mean().item() - probs[top].item()) < 0.03
+
+
+def test_full_queue_raises_and_full_cache_waits(model):
+    engine = Engine(model, max_batch=2, max_queue=3)
+    reqs = [engine.submit([1, 2, 3], SamplingParams(max_tokens=5)) for _ in range(3)]
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=5))
+    engine.step()  # two admitted into the two slots, one waits for a free slot
+    assert engine.num_running == 2 and engine.num_waiting == 1
+    while not all(r.finished for r in reqs):
+        engine.step()
+    assert [r.finish_reason for r in reqs] == ["length"] * 3
+
+
+def test_bad_prompts_are_refused(model):
+    engine = Engine(model, max_batch=1)
+    with pytest.raises(ValueError):
+        engine.submit([], SamplingParams())
+    with pytest.raises(ValueError):
+        engine.submit([1] * 96, SamplingParams())
+
+
+def test_cancel_frees_the_slot_at_the_next_step(model):
+    engine = Engine(model, max_batch=1)
+    engine.start()
+    try:
+        first = engine.submit([1, 2], SamplingParams(max_tokens=10_000 // 100))
+        got_token = []
+        second = engine.submit([3, 4], SamplingParams(max_tokens=3), on_token=got_token.append)
+        deadline = time.time() + 5
+        while not first.tokens and time.time() < deadline:
+            time.sleep(0.001)
+        first.cancel()
+        assert second.wait(5)
+        assert first.finish_reason in ("cancelled", "length")
+        assert second.finish_reason == "length" and got_token == second.tokens
+    finally:
+        engine.stop()
+
+
+def test_a_failing_step_fails_its_requests_and_repeated_failures_kill_the_engine(model):
+    engine = Engine(model, max_batch=2, max_consecutive_errors=2)
+    real = engine._launch_decode
+    engine._launch_decode = lambda: (_ for _ in ()).throw(RuntimeError("injected"))
+    r = engine.submit([1, 2, 3], SamplingParams(max_tokens=5))
+    engine.step()
+    assert r.finish_reason == "error" and engine.healthy
+    engine._launch_decode = real
+    assert len(engine.generate([1, 2, 3], SamplingParams(max_tokens=5))) == 5  # recovered
+    engine._launch_decode = lambda: (_ for _ in ()).throw(RuntimeError("injected"))
+    for _ in range(2):
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=5))
+        engine.step()
+    assert not engine.healthy
+    with pytest.raises(EngineDead):
+        engine.submit([1], SamplingParams())
+
+
+class _Tok:
+    fim_prefix_id, fim_suffix_id, fim_middle_id = 900, 901, 902
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+
+def test_build_prompt_keeps_the_text_nearest_the_cursor():
+    tok = _Tok()
+    assert build_prompt(tok, "abcdef", None, 3) == [ord(c) for c in "def"]
+    ids = build_prompt(tok, "a" * 50 + "XY", "PQ" + "b" * 50, 23)
+    assert len(ids) == 23
+    assert ids[0] == 900 and ids[-1] == 902
+    s = ids.index(901)
+    assert ids[1:s][-2:] == [ord("X"), ord("Y")]  # end of the prefix kept
+    assert ids[s + 1: s + 3] == [ord("P"), ord("Q")]  # start of the suffix kept
+
+
+def test_sample_and_evaluate_run_on_a_trained_checkpoint(tiny_ckpt_dir, tiny_data_dir, tmp_path):
+    out = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tiny_ckpt_dir), "--prompt",
+                          "def f(x):", "--max-tokens", "8"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("----- 'def f(x):'") and "def f(x):" in out.stdout
+    src = tmp_path / "held_out"
+    src.mkdir()
+    (src / "m.py").write_text("import os\n\n\ndef join(a, b):\n    return os.path.join(a, b)\n" * 5)
+    result = tmp_path / "eval.json"
+    out = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tiny_ckpt_dir), "--src", str(src),
+                          "--lines", "8", "--out", str(result)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(result.read_text())
+    assert 0 < metrics["bits_per_byte"] < 20
+    assert 0 <= metrics["next_line_exact_match"] <= 1 and metrics["lines"] == 8
+    missing = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "nope")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
