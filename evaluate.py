@@ -114,6 +114,7 @@ def _first_line(text: str) -> str:
 
 def exact_match(engine: Engine, tokenizer, cases, fim: bool, max_tokens: int = 48) -> float:
     stops = newline_token_ids(tokenizer) + (tokenizer.eot_id,)
+    max_tokens = min(max_tokens, engine.max_seq_len // 2)  # leave room for the prompt
     params = SamplingParams(max_tokens=max_tokens, stop_token_ids=stops)
     budget = engine.max_seq_len - max_tokens
     prompts = [build_prompt(tokenizer, p, s if fim else None, budget) for p, _, s in cases]
