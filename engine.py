@@ -198,8 +198,7 @@ class Engine:
     def __init__(self, model: nn.Module, *, max_batch: int = 16, max_seq_len: int | None = None,
                  max_queue: int = 256, prefill_chunk: int = 256, prefill_batch: int = 32,
                  eos_id: int | None = None, vocab_size: int | None = None,
-                 cuda_graphs: bool | None = None,
-                 compile: bool | None = None, max_consecutive_errors: int = 3):
+                 cuda_graphs: bool | None = None, max_consecutive_errors: int = 3):
         self.model = model.eval()
         cfg = model.config
         self.device = model.transformer.wte.weight.device
@@ -216,7 +215,6 @@ class Engine:
         self.max_consecutive_errors = max_consecutive_errors
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
-        self.compile = on_cuda if compile is None else compile
         head_dim = cfg.n_embd // cfg.n_head
         cache_dtype = self.dtype if self.dtype.is_floating_point else torch.float32
         self.decoder = _DecodeStep(model, [
@@ -238,12 +236,10 @@ class Engine:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self._warm_stream = None
+        # The decode step runs eager kernels captured in CUDA graphs. torch.compile of this step
+        # (torch 2.11) did not update the caches in place: Inductor copied each whole cache per
+        # step, so it is not used (see bench/results/serving_h100.json's notes).
         self._decode_fn = self.decoder
-        if self.compile:
-            # One dynamic-shape compile serves every (batch, length) bucket; a few recompiles
-            # (size-1 specialisation) are expected, so leave room above dynamo's default of 8.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-            self._decode_fn = torch.compile(self.decoder, dynamic=True)
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
         self._ids = itertools.count()
