@@ -249,6 +249,8 @@ class Engine:
         self._pending: tuple | None = None  # a launched decode step whose tokens are unread
         self.healthy = True
         self.dead_reason: str | None = None
+        # Called on the scheduler thread after every step: a server hands tokens over per step.
+        self.on_step_end: Callable[[], None] | None = None
         self._consecutive_errors = 0
         self.steps = 0
         self.tokens_generated = 0
@@ -371,6 +373,9 @@ class Engine:
                     self.dead_reason = f"engine failed: {type(e).__name__}"
                     self._running = False
                 self._fail_all(self.dead_reason)
+        finally:
+            if self.on_step_end is not None:
+                self.on_step_end()
 
     @torch.no_grad()
     def _step(self) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import warnings
@@ -105,6 +106,20 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # quantized Linear modules (all built from plain tensors, never from pickles)
 
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (int8 weight * per-row scale).T (+ bias), the weight dequantised inside the matmul."""
+    y = F.linear(x, qweight.to(x.dtype)) * scales.to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+@functools.cache
+def _compiled_int8_linear():
+    # A pure function (no state, no mutation), so Inductor can fuse the int8 -> bf16 conversion
+    # into the matmul's loads; the engine's CUDA graphs then capture the generated kernels.
+    return torch.compile(int8_linear, dynamic=True)
+
+
 class WeightOnlyInt8Linear(nn.Module):
     """y = (x @ q.T) * scales + bias with q int8 (out, in): gpt-fast's WeightOnlyInt8Linear.
 
@@ -120,8 +135,8 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        fn = _compiled_int8_linear() if x.is_cuda else int8_linear
+        return fn(x, self.qweight, self.scales, self.bias)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.qweight.float() * self.scales.float()[:, None]

@@ -10,6 +10,7 @@ on a worker thread after the server starts answering: /ready says 503 until it i
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import hashlib
 import json
 import logging
@@ -27,29 +28,47 @@ log = logging.getLogger("code_assistant.engine_backend")
 
 
 class EngineGeneration:
-    """An engine Request seen from the event loop: callbacks (engine thread) feed an asyncio queue."""
+    """An engine Request seen from the event loop.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[int | None] = asyncio.Queue()
-        self._done = False
+    The engine thread appends tokens to a deque; the backend wakes the event loop once per
+    engine step for every generation that got tokens (not once per token), and the loop takes
+    all tokens that arrived in one go."""
+
+    def __init__(self, backend: "EngineBackend") -> None:
+        self._backend = backend
+        self._tokens: deque[int] = deque()
+        self._finished = False
+        self._event = asyncio.Event()
+        self.marked = False  # queued for the next wake-up (engine thread sets, loop clears)
         self.request: Any = None  # engine.Request, set right after submit
 
-    # engine thread: keep these cheap, hand over to the loop and return
+    # engine thread: keep these cheap and return
     def on_token(self, token_id: int) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, token_id)
+        self._tokens.append(token_id)
+        if not self.marked:
+            self.marked = True
+            self._backend.dirty.append(self)
 
     def on_finish(self, _request: Any) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
+        self._finished = True
+        self._backend.loop.call_soon_threadsafe(self.wake)
 
     # event loop
-    async def next_token(self) -> int | None:
-        if self._done:
-            return None
-        item = await self._queue.get()
-        if item is None:
-            self._done = True
-        return item
+    def wake(self) -> None:
+        self.marked = False
+        self._event.set()
+
+    async def next_tokens(self) -> list[int] | None:
+        """Every token generated since the last call (waiting for one), or None once finished."""
+        while True:
+            if self._tokens:
+                return [self._tokens.popleft() for _ in range(len(self._tokens))]
+            if self._finished:
+                return None
+            self._event.clear()
+            if self._tokens or self._finished:  # arrived between the check and the clear
+                continue
+            await self._event.wait()
 
     def cancel(self) -> None:
         if self.request is not None:
@@ -81,6 +100,8 @@ class EngineBackend:
         self._tokenizer: Any = None
         self._device = "unloaded"
         self._model_id = ""
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.dirty: list[EngineGeneration] = []  # got tokens this engine step (engine thread)
 
     # ---- load / shutdown (worker threads) ---------------------------------------
     def load(self) -> None:
@@ -108,6 +129,7 @@ class EngineBackend:
                         eos_id=tokenizer.eot_id, vocab_size=tokenizer.n_vocab)
         engine.warmup(engine.max_seq_len)  # on CUDA: every graph bucket before /ready says 200
         _install_test_hooks(engine, s)
+        engine.on_step_end = self._after_step
         engine.start()
         stat = (path / "model.safetensors").stat()
         ident = json.dumps([s.model_name, str(path.resolve()), meta, stat.st_size, stat.st_mtime_ns],
@@ -173,7 +195,8 @@ class EngineBackend:
 
         if self._engine is None:
             raise BackendUnavailable("not loaded")
-        gen = EngineGeneration(asyncio.get_running_loop())
+        self.loop = asyncio.get_running_loop()
+        gen = EngineGeneration(self)
         sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k,
                             top_p=params.top_p, seed=params.seed, stop_token_ids=params.stop_token_ids)
         try:
@@ -183,6 +206,18 @@ class EngineBackend:
         except EngineDead:
             raise BackendUnavailable("engine dead") from None
         return gen
+
+
+    def _after_step(self) -> None:
+        """Engine thread, after each step: one event-loop wake-up for all that got tokens."""
+        if self.dirty and self.loop is not None:
+            dirty, self.dirty = self.dirty, []
+            self.loop.call_soon_threadsafe(_wake_all, dirty)
+
+
+def _wake_all(generations: list[EngineGeneration]) -> None:
+    for g in generations:
+        g.wake()
 
 
 def _install_test_hooks(engine: Any, s: Settings) -> None:

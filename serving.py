@@ -234,8 +234,9 @@ class Generation(Protocol):
     def finish_reason(self) -> str | None:  # stop | length | cancelled | error, once finished
         ...
 
-    async def next_token(self) -> int | None:
-        """The next generated token id, or None once the request has finished."""
+    async def next_tokens(self) -> list[int] | None:
+        """Every token generated since the last call (waits for at least one), or None once the
+        request has finished. Batches keep per-token work off the event loop."""
         ...
 
     def cancel(self) -> None:
@@ -613,10 +614,13 @@ class TextAssembler:
         self._cut: int | None = None
         self.stopped = False  # a stop string or the suffix repetition ended the completion
 
-    def feed(self, token_id: int) -> str:
-        if self.stopped or token_id in self._special:
+    def feed(self, token_ids: int | Sequence[int]) -> str:
+        if isinstance(token_ids, int):
+            token_ids = (token_ids,)
+        new = [t for t in token_ids if t not in self._special]
+        if self.stopped or not new:
             return ""
-        self._ids.append(token_id)
+        self._ids.extend(new)
         text = self._decode(self._ids)
         self._text = text
         cut = self._find_stop(text)
@@ -976,11 +980,11 @@ class Session:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            token = await asyncio.wait_for(self.gen.next_token(), remaining)
-            if token is None:
+            tokens = await asyncio.wait_for(self.gen.next_tokens(), remaining)
+            if tokens is None:
                 break
-            self.completion_tokens += 1
-            delta = self.assembler.feed(token)
+            self.completion_tokens += len(tokens)
+            delta = self.assembler.feed(tokens)
             if delta:
                 yield delta
             if self.assembler.stopped:
