@@ -16,7 +16,7 @@ CPU (this 2-core machine) -> bench/results/quantization_cpu.json, mode int8-dyna
 GPU (the lead runs this on an H100, < 6 min) -> --out, mode int8-weight-only vs bf16:
     python bench/quant_bench.py --device cuda --out bench/results/quantization_h100.json
     shapes GPT-2 124M / 355M / 774M, random weights, bf16; tokens/s at batch 1 and 16 through
-    the Engine (torch.compile + CUDA graphs) and MB of weights resident on the GPU.
+    the Engine (CUDA graphs; the int8 matmul under torch.compile) and MB of weights resident on the GPU.
 
 Dry run of the GPU path's code on a CPU:
     python bench/quant_bench.py --device cpu --shapes tiny --out /tmp/quantization_dry.json
@@ -289,8 +289,8 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
     notes = [
         "random weights in bf16 (speed and memory don't depend on the values); int8 = "
         "int8-weight-only: per-row int8 weights + bf16 scales, F.linear(x, w.to(bf16)) * scales, "
-        "compiled by the Engine (torch.compile dynamic=True + CUDA graphs on CUDA) with "
-        "inductor coordinate_descent_tuning on (gpt-fast's setting).",
+        "the int8 matmul compiled (torch.compile dynamic=True, inductor coordinate_descent_tuning, "
+        "gpt-fast's setting) and the whole decode step captured in the Engine's CUDA graphs.",
         "*_mb is weights resident on the device; int8 keeps a bf16 copy of the embedding (wte, "
         "dequantized at load) for the lookup next to lm_head's int8 rows.",
         "tok/s at batch 1 is decode only (prefill excluded); at batch 16 it includes prefill.",
