@@ -3,7 +3,7 @@
 #   python collect_code.py --out data/stdlib
 #   python train.py config/tiny.py
 # The vocabulary comes from the dataset (meta.json), padded to a multiple of 64.
-out_dir = "out-tiny"
+out_dir = "out-code-assistant"
 dataset = "stdlib"
 init_from = "scratch"
 

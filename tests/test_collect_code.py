@@ -369,6 +369,7 @@ def test_cli_empty_corpus_exits_2_with_one_line(tmp_path):
     assert "empty" in r.stderr and "too_small 1" in r.stderr
 
 
+@pytest.mark.slow
 def test_collect_real_stdlib(tmp_path):
     """The demo path: no --src means this Python's standard library."""
     out = tmp_path / "stdlib"

@@ -296,6 +296,7 @@ def test_logs_are_json_lines_with_request_ids(server: ServerProcess, client: htt
 
 # ---- load --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_64_concurrent_clients(server: ServerProcess) -> None:
     """64 clients for a bounded time: zero errors, every answer well formed."""
     duration = 8.0
@@ -337,6 +338,7 @@ def test_64_concurrent_clients(server: ServerProcess) -> None:
 
 # ---- schemathesis ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_errors_or_schema_violations(server: ServerProcess, tmp_path: Path) -> None:
     st = Path(sys.executable).with_name("st")
     cmd = [str(st) if st.exists() else "st", "run", server.url + "/openapi.json", "--checks", "all",

@@ -215,6 +215,7 @@ def test_engine_that_cannot_recover_turns_health_503(ckpt: Path) -> None:
 
 # ---- SIGTERM drain -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt: Path, long_prompt: str) -> None:
     env = {"MAX_CONCURRENT_SEQUENCES": "8", "MAX_QUEUE": "8", "DRAIN_TIMEOUT_S": "30", "CACHE_SIZE": "0",
            "CODE_ASSISTANT_TEST_STEP_DELAY_MS": STEP_DELAY_MS}

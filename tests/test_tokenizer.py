@@ -55,6 +55,7 @@ def tok(stdlib_texts) -> CodeTokenizer:
     return train_bpe(stdlib_texts[::10], vocab_size=2000)
 
 
+@pytest.mark.slow
 def test_round_trip_every_stdlib_file(tok, stdlib_texts):
     assert len(stdlib_texts) > 500
     encoded = tok.encode_batch(stdlib_texts)

@@ -97,6 +97,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tiny_ckpt_dir, tmp_path, monke
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # no litter
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tiny_ckpt_dir, tmp_path):
     """A real kill -9 at an arbitrary moment of a loop of saves (no cooperation from the code)."""
     out = tmp_path / "ckpt"
@@ -154,6 +155,7 @@ def test_sigterm_saves_resume_and_exits_zero(tiny_train_config, tmp_path):
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside python")
+@pytest.mark.slow
 def test_ddp_two_processes_match_one(tiny_train_config, tmp_path):
     """2 gloo ranks with 1 micro-step each == 1 process with 2 micro-steps (same global batch)."""
     kw = dict(max_iters=6, gradient_accumulation_steps=2, eval_interval=3, eval_iters=2, fim_rate=0.5)
