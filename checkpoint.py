@@ -119,7 +119,10 @@ def load_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def build_model(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> GPT:
     """A float GPT from a (tied-free) state dict; quantized checkpoints go through quantization.py."""
-    model = GPT(GPTConfig(**meta["model_config"]))
+    try:
+        model = GPT(GPTConfig(**meta["model_config"]))
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
+        raise CheckpointError(f"bad model_config in the checkpoint meta: {type(e).__name__}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
@@ -135,11 +138,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
 
     state, meta = load_state(directory)
     if meta.get("quantization"):
-        from quantization import build_quantized_model
+        from quantization import build_quantized_model, check_device
+        check_device(meta, device)  # int8-dynamic kernels are CPU-only: say so now, not mid-request
         model = build_quantized_model(state, meta)
     else:
         model = build_model(state, meta)
-    if dtype is not None and not meta.get("quantization"):
+    # Weight-only quantized modules keep int8 weights; .to(dtype) converts only float tensors
+    # (activations, scales, embeddings). torch.ao's dynamic modules stay as they are.
+    if dtype is not None and (meta.get("quantization") or {}).get("mode") != "int8-dynamic":
         model = model.to(dtype=dtype)
     model = model.to(device).eval()
     return model, load_tokenizer(directory), meta
