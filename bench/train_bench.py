@@ -5,7 +5,7 @@ the GPU, so the clock stops when the GPU is done, not when the host has queued t
 MFU = (6N + 12*L*H*Q*T) * tokens/s / 989 TFLOP/s (H100 SXM bf16 dense), per GPU.
 
     # H100, GPT-2 124M, batch 32 x 1024 (the comparison the project reports)
-    python bench/train_bench.py --out bench/results/train_h100.json
+    python bench/train_bench.py --out bench/results/training_h100.json
     python bench/train_bench.py --compile_mode=max-autotune-no-cudagraphs --out /tmp/t.json
     # CPU smoke test of both code paths
     python bench/train_bench.py --shape tiny --device cpu --steps 3 --out /tmp/train_bench.json
@@ -137,6 +137,19 @@ def bench_ours(shape: dict, args: argparse.Namespace, steps: int, warmup: int) -
             timer.start()
         loss = train_step(train_model, optimizer, scaler, loader, autocast, cfg.grad_clip, get_lr(i, cfg))
     elapsed = timer.stop()
+    profile = None
+    if args.profile and args.rank == 0:
+        # where a step's time goes: the top kernels by device time over 3 steps
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            for i in range(3):
+                loss = train_step(train_model, optimizer, scaler, loader, autocast, cfg.grad_clip,
+                                  get_lr(i, cfg))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile = prof.key_averages().table(sort_by=sort, row_limit=25)
     loader.close()
     # global tokens: every rank does local_accum micro-batches of B x T per step
     tokens_per_s = steps * cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps / elapsed
@@ -144,6 +157,7 @@ def bench_ours(shape: dict, args: argparse.Namespace, steps: int, warmup: int) -
             "mfu": model.estimate_mfu(tokens_per_s / args.world_size, cfg.block_size),
             "final_loss": loss.item(), "world_size": args.world_size,
             "compile_mode": cfg.compile_mode if cfg.compile else None,
+            **({"profile_3_steps": profile} if profile else {}),
             "shape": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
                       "block_size": cfg.block_size, "batch_size": cfg.batch_size,
                       "grad_accum": cfg.gradient_accumulation_steps}}
@@ -163,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch.compile (default: on for CUDA)")
     p.add_argument("--compile_mode", default="default")
     p.add_argument("--ddp_only", action="store_true", help="measure only our path (under torchrun)")
+    p.add_argument("--profile", action="store_true", help="add a profile of 3 steps of our path")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
