@@ -29,10 +29,12 @@ import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
+
+from tokenizer import TokenizerLike
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,6 @@ class DataError(RuntimeError):
     """A dataset directory that is missing, incomplete or too small."""
 
 
-class FIMTokenizer(Protocol):
-    eot_id: int
-    fim_prefix_id: int
-    fim_middle_id: int
-    fim_suffix_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
 
 def read_data_meta(data_dir: str | Path) -> dict[str, Any]:
@@ -96,7 +89,7 @@ def eval_batch(tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
     return torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
 
 
-def fim_transform(text: str, rng: np.random.Generator, tok: FIMTokenizer,
+def fim_transform(text: str, rng: np.random.Generator, tok: TokenizerLike,
                   spm_rate: float) -> list[int]:
     """One document as a PSM or SPM sequence; cut points are uniform over characters."""
     lo, hi = sorted(rng.integers(0, len(text) + 1, size=2).tolist())
@@ -108,7 +101,7 @@ def fim_transform(text: str, rng: np.random.Generator, tok: FIMTokenizer,
     return [tok.fim_prefix_id, *prefix, tok.fim_suffix_id, *suffix, tok.fim_middle_id, *middle]
 
 
-def fim_inverse(ids: list[int], tok: FIMTokenizer) -> str:
+def fim_inverse(ids: list[int], tok: TokenizerLike) -> str:
     """The original document of a PSM, SPM or plain sequence made by fim_transform."""
     ids = list(ids)
     if not ids or ids[0] != tok.fim_prefix_id:
@@ -121,7 +114,7 @@ def fim_inverse(ids: list[int], tok: FIMTokenizer) -> str:
     return tok.decode(ids[1:suf]) + tok.decode(ids[mid + 1:]) + tok.decode(ids[suf + 1:mid])
 
 
-def fim_window(window: np.ndarray, rng: np.random.Generator, tok: FIMTokenizer,
+def fim_window(window: np.ndarray, rng: np.random.Generator, tok: TokenizerLike,
                fim_rate: float, spm_rate: float) -> list[int]:
     """Apply FIM to each (whole or cut-off) document of a window; eot ids stay in place.
     The result is usually a few tokens longer than the window; the caller re-cuts it."""
@@ -154,7 +147,7 @@ class TrainBatches:
 
     def __init__(self, tokens: np.ndarray, *, block_size: int, batch_size: int, seed: int,
                  grad_accum: int, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", tok: FIMTokenizer | None = None,
+                 device: torch.device | str = "cpu", tok: TokenizerLike | None = None,
                  fim_rate: float = 0.0, fim_spm_rate: float = 0.5, prefetch: int = 2):
         if grad_accum % world_size:
             raise ValueError(f"gradient_accumulation_steps={grad_accum} is not a multiple "

@@ -49,6 +49,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tokenizer import TokenizerLike
+
 log = logging.getLogger("code_assistant.serving")
 access_log = logging.getLogger("code_assistant.access")
 
@@ -216,14 +218,7 @@ class BackendUnavailable(RuntimeError):
     """The backend is dead or not loaded: answer 503."""
 
 
-class Tokenizer(Protocol):
-    eot_id: int
-    fim_prefix_id: int
-    fim_middle_id: int
-    fim_suffix_id: int
-
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: list[int]) -> str: ...
+Tokenizer = TokenizerLike  # a backend's tokenizer: token ids <-> text, FIM control ids
 
 
 @runtime_checkable

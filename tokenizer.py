@@ -35,7 +35,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import tiktoken
 
@@ -63,6 +63,18 @@ class TokenizerError(RuntimeError):
 class TokenizerUnavailable(RuntimeError):
     """The GPT-2 BPE files are neither cached nor downloadable (typically: offline)."""
 
+
+
+class TokenizerLike(Protocol):
+    """What FIM data and the server need of a tokenizer: CodeTokenizer, or a backend's own."""
+    eot_id: int
+    fim_prefix_id: int
+    fim_middle_id: int
+    fim_suffix_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
 
 class CodeTokenizer:
     """A tiktoken Encoding plus the ids of our special tokens.
