@@ -33,7 +33,8 @@ demo: setup
 	$(BIN)/python collect_code.py --out $(DATA) --vocab-size 4096 && \
 	$(BIN)/python train.py config/tiny.py && \
 	$(BIN)/python sample.py --ckpt $(OUT) --prompt "def fibonacci(n):" --prompt "class Stack:" \
-	  --prompt "import os\n\ndef list_python_files(root):" --max-tokens 60 && \
+	  --prompt "import os\n\ndef list_python_files(root):" --max-tokens 60 \
+	  --temperature 0.7 --top-k 40 --seed 1 && \
 	$(BIN)/python evaluate.py --ckpt $(OUT) --lines 100 --files 30 --out $(OUT)/eval.json && \
 	$(BIN)/python quantize_model.py --ckpt $(OUT) --mode int8-dynamic --out $(QUANT) && \
 	MODEL_PATH=$(QUANT) PORT=$(PORT) bash scripts/demo_serve.sh && \
