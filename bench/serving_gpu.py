@@ -206,13 +206,40 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
             if proc.poll() is not None:
                 raise RuntimeError("server exited during start")
             time.sleep(1)
+        # Engine occupancy while the sweep runs: is the engine full, or starved in front of it?
+        samples: list[dict] = []
+        stop = __import__("threading").Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                try:
+                    st = requests.get(url + "/stats", timeout=2).json()
+                    samples.append({"t": round(time.time(), 2), "running": st.get("running"),
+                                    "waiting": st.get("waiting")})
+                except (requests.RequestException, ValueError):
+                    pass
+                stop.wait(0.5)
+
+        poller = __import__("threading").Thread(target=poll, daemon=True)
+        poller.start()
         single = benchmark_api.run_sweep(url, [1], max_tokens=args.new_tokens,
                                          requests_per_level=100, duration_s=20, progress=False,
                                          prompts=prompts)
-        sweep = benchmark_api.run_sweep(url, [1, 8, 32, 64, 128, 256], max_tokens=args.new_tokens,
-                                        requests_per_level=3000, duration_s=12, progress=False,
-                                        prompts=prompts)
-        return {"server_single": single, "concurrency": sweep,
+        sweep = []
+        for clients in (1, 8, 32, 64, 128, 256):
+            t0 = time.time()
+            row = benchmark_api.run_sweep(url, [clients], max_tokens=args.new_tokens,
+                                          requests_per_level=3000, duration_s=12, progress=False,
+                                          prompts=prompts)[0]
+            window = [x for x in samples if t0 <= x["t"] <= time.time() and x["running"] is not None]
+            if window:
+                row["engine_running_mean"] = sum(x["running"] for x in window) / len(window)
+                row["engine_running_max"] = max(x["running"] for x in window)
+                row["engine_waiting_max"] = max(x["waiting"] for x in window)
+            sweep.append(row)
+        stop.set()
+        poller.join(5)
+        return {"server_single": single, "concurrency": sweep, "engine_occupancy_samples": samples,
                 "single_stream_p50_ms_server": single[0]["p50_ms"]}
     finally:
         proc.terminate()

@@ -13,11 +13,11 @@ for _ in $(seq 1 120); do
 done
 echo "== POST /complete"
 curl -s "$URL/complete" -H 'Content-Type: application/json' \
-  -d '{"code": "def read_lines(path):\n    ", "max_tokens": 40}'
+  -d '{"code": "def read_lines(path):", "max_tokens": 40}'
 echo
 echo "== POST /v1/completions with a suffix (fill in the middle)"
 curl -s "$URL/v1/completions" -H 'Content-Type: application/json' \
-  -d '{"model": "code-assistant", "prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 20, "temperature": 0}'
+  -d '{"model": "code-assistant", "prompt": "def add(a, b):", "suffix": "\n\nprint(add(1, 2))\n", "max_tokens": 20, "temperature": 0}'
 echo
 echo "== GET /stats"
 curl -s "$URL/stats"
