@@ -1,6 +1,6 @@
 """The code-completion server on our own engine (engine.py): `serving.create_app` + `EngineBackend`.
 
-    MODEL_PATH=out-code-assistant python serve_api.py          # or: uvicorn serve_api:app
+    MODEL_PATH=out-code-assistant python serve_api.py   # or: uvicorn serve_api:app --timeout-keep-alive 75
     curl -s localhost:8000/complete -H 'Content-Type: application/json' -d '{"code": "def add(a, b):"}'
 
 All settings come from the environment (see serving.Settings); a bad value stops the start
@@ -272,7 +272,10 @@ def main() -> None:
 
     state = app.state.serving
     s = state.settings
+    # Keep-alive longer than a load balancer's usual 60 s idle timeout: with uvicorn's 5 s default
+    # the server may close a pooled connection just as a client sends on it (a dropped request).
     config = uvicorn.Config(app, host=s.host, port=s.port, log_config=None, access_log=False,
+                            timeout_keep_alive=75,
                             timeout_graceful_shutdown=max(5, int(s.drain_timeout_s)), lifespan="on")
     uvicorn.Server(config).run()
     if state.load_failed:

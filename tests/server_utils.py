@@ -93,7 +93,8 @@ class ServerProcess:
                  use_uvicorn_cli: bool = False) -> None:
         self.port = free_port()
         # `uvicorn serve_api:app` (host/port on the command line) or `python serve_api.py` (from the env)
-        self.argv = ([sys.executable, "-m", "uvicorn", "serve_api:app", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.argv = ([sys.executable, "-m", "uvicorn", "serve_api:app", "--host", "127.0.0.1", "--port", str(self.port),
+                      "--timeout-keep-alive", "75"]
                      if use_uvicorn_cli else [sys.executable, str(ROOT / "serve_api.py")])
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = clean_env({"MODEL_PATH": str(ckpt), "HOST": "127.0.0.1", "PORT": str(self.port),
