@@ -239,7 +239,6 @@ class Engine:
         # The decode step runs eager kernels captured in CUDA graphs. torch.compile of this step
         # (torch 2.11) did not update the caches in place: Inductor copied each whole cache per
         # step, so it is not used (see bench/results/serving_h100.json's notes).
-        self._decode_fn = self.decoder
         self._waiting: deque[Request] = deque()
         self._prefilling: list[Request] = []
         self._ids = itertools.count()
@@ -252,8 +251,6 @@ class Engine:
         # Called on the scheduler thread after every step: a server hands tokens over per step.
         self.on_step_end: Callable[[], None] | None = None
         self._consecutive_errors = 0
-        self.steps = 0
-        self.tokens_generated = 0
 
     # ---- public API -------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams,
@@ -503,7 +500,6 @@ class Engine:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        self.steps += 1
         # Requests that reach max_tokens or the end of the cache with this step get no further
         # step; their idle row writes junk at position 0 of their own slot, which is harmless.
         ending = []
@@ -531,7 +527,6 @@ class Engine:
 
     def _emit(self, r: Request, token: int) -> None:
         r.tokens.append(token)
-        self.tokens_generated += 1
         if r.on_token is not None:
             try:
                 r.on_token(token)
@@ -592,7 +587,7 @@ class Engine:
     # ---- the decode step -----------------------------------------------------------------
     def _run_decode(self, B: int, length: int) -> torch.Tensor:
         if not self.cuda_graphs:
-            return self._decode_fn(B, length)
+            return self.decoder(B, length)
         key = (B, length)
         if key not in self._graphs:
             self._graphs[key] = self._capture(B, length)
@@ -601,7 +596,7 @@ class Engine:
         return out
 
     def _capture(self, B: int, length: int):
-        # Warm up on a side stream (compiles, autotunes, allocates), then record the graph.
+        # Warm up on a side stream (cuBLAS/cuDNN handles, allocations), then record the graph.
         # The warm-up forwards write at each row's current position exactly what the real step
         # will write there, so they need no undoing, even with live requests.
         if self._warm_stream is None:  # one stream: its cached blocks serve every capture
@@ -610,22 +605,21 @@ class Engine:
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(2):
-                self._decode_fn(B, length)
+                self.decoder(B, length)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._decode_fn(B, length)
+            out = self.decoder(B, length)
         return graph, out
 
 
 class _DecodeStep(nn.Module):
     """One decode step over slots [0, B) attending to `length` cache positions.
 
-    The caches and the token/position inputs are buffers of this module, as in gpt-fast:
-    the compiler then updates the caches in place, where plain tensors passed in would be
-    treated as mutated inputs and copied whole on every step."""
+    The caches and the token/position inputs are buffers allocated once, so every CUDA graph
+    captured over this step reads and writes the same addresses the scheduler fills in."""
 
     def __init__(self, model: nn.Module, caches: list[KVCache]):
         super().__init__()
@@ -640,8 +634,8 @@ class _DecodeStep(nn.Module):
         return [(c.k, c.v) for c in self.caches]
 
     def forward(self, B: int, length: int) -> torch.Tensor:
-        logits, _ = self.model(self.tokens[:B, None], kv_caches=[(c.k, c.v) for c in self.caches],
-                               input_pos=self.pos[:B], last_only=True, kv_len=length)
+        logits, _ = self.model(self.tokens[:B, None], kv_caches=self.kv, input_pos=self.pos[:B],
+                               last_only=True, kv_len=length)
         return logits[:, 0].float()  # (B, V)
 
 

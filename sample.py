@@ -22,6 +22,13 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def unescape(text: str | None) -> str | None:
+    """Shell arguments carry newlines as a literal backslash-n: turn them into real ones."""
+    if text is None or "\\n" not in text:
+        return text
+    return text.encode().decode("unicode_escape")
+
+
 def complete(engine: Engine, tokenizer, prefix: str, suffix: str | None, params: SamplingParams,
              max_prompt_tokens: int) -> str:
     """Decoded completion of `prefix` (filling up to `suffix` when given)."""
@@ -56,11 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     max_prompt = engine.max_seq_len - args.max_tokens
-    for prompt in args.prompt:
-        prompt = prompt.encode().decode("unicode_escape") if "\\n" in prompt else prompt
-        suffix = args.suffix
-        if suffix is not None and "\\n" in suffix:
-            suffix = suffix.encode().decode("unicode_escape")
+    suffix = unescape(args.suffix)
+    for prompt in map(unescape, args.prompt):
         text = complete(engine, tokenizer, prompt, suffix, params, max_prompt)
         print(f"----- {prompt!r}" + (f" ... {suffix!r}" if suffix else ""))
         print(prompt + text + (suffix or ""))

@@ -14,10 +14,12 @@ import argparse
 import datetime as dt
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -174,14 +176,13 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
     tok = train_bpe(texts * 4, 512)
     tok.save(ckpt)
     meta = {"model_config": model.config.to_dict(), "tokenizer": tok.kind, "step": 0}
-    save_model(ckpt, model.float().state_dict(), meta)
-    model.to(torch.bfloat16 if device == "cuda" else torch.float32)
+    save_model(ckpt, {k: v.float() for k, v in model.state_dict().items()}, meta)
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # Real code as prompts: ~64-token slices of this repository's own Python files.
-    rng = __import__("random").Random(0)
+    rng = random.Random(0)
     sources = [t for t in texts if len(t) > 2000]
     prompts = []
     for _ in range(512):
@@ -208,7 +209,7 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
             time.sleep(1)
         # Engine occupancy while the sweep runs: is the engine full, or starved in front of it?
         samples: list[dict] = []
-        stop = __import__("threading").Event()
+        stop = threading.Event()
 
         def poll() -> None:
             while not stop.is_set():
@@ -220,7 +221,7 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
                     pass
                 stop.wait(0.5)
 
-        poller = __import__("threading").Thread(target=poll, daemon=True)
+        poller = threading.Thread(target=poll, daemon=True)
         poller.start()
         single = benchmark_api.run_sweep(url, [1], max_tokens=args.new_tokens,
                                          requests_per_level=100, duration_s=20, progress=False,
