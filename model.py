@@ -6,9 +6,11 @@ sequences over it lives in engine.py, not here.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -27,18 +29,6 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-class KVCache(nn.Module):
-    """A static key/value cache for one layer, allocated once: (B, H, L, D) each."""
-
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
-        shape = (batch, n_head, max_len, head_dim)
-        # Buffers (not plain tensors) so torch.compile / CUDA graphs see a fixed address.
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
 class CausalSelfAttention(nn.Module):
@@ -87,6 +77,25 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def decode(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new token per row, without writing the cache (see GPT.decode_step).
+
+        x (B, C); keys/values (B, H, L, D) cached positions, of which row b's first pos[b] are
+        valid. Returns the output (B, C) and this token's (k, v) stacked as (2, B, H, D).
+        The new token's own score joins the cached ones in one softmax, so nothing is written."""
+        B, C = x.size()
+        H = self.n_head
+        q, k, v = self.c_attn(x).view(B, 3, H, C // H).unbind(1)  # (B, H, D) each
+        scale = 1.0 / math.sqrt(C // H)
+        past = (q[:, :, None, :] @ keys.transpose(-1, -2).to(q.dtype)).squeeze(2).float() * scale  # (B, H, L)
+        valid = torch.arange(keys.size(2), device=x.device)[None, None, :] < pos[:, None, None]
+        past = past.masked_fill(~valid, float("-inf"))
+        own = (q.float() * k.float()).sum(-1, keepdim=True) * scale  # (B, H, 1): the token itself
+        probs = torch.cat([past, own], dim=-1).softmax(dim=-1)
+        y = (probs[:, :, None, :-1].to(q.dtype) @ values.to(q.dtype)).squeeze(2) + probs[:, :, -1:].to(q.dtype) * v
+        return self.c_proj(y.reshape(B, C)), torch.stack([k, v])
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -112,6 +121,12 @@ class Block(nn.Module):
                 kv_len=None, attn_mask=None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, input_pos, cache_rows, kv_len, attn_mask)
         return x + self.mlp(self.ln_2(x))
+
+    def decode(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y, kv = self.attn.decode(self.ln_1(x), keys, values, pos)
+        x = x + y
+        return x + self.mlp(self.ln_2(x)), kv
 
 
 class GPT(nn.Module):
@@ -173,6 +188,13 @@ class GPT(nn.Module):
                       kv_len, mask)
         x = self.transformer.ln_f(x)
         if targets is not None:
+            # Training with loss_impl = "fused" (train.py sets it; unset means "plain"): the
+            # chunked lm_head + cross-entropy below, which returns (None, loss), no logits.
+            if getattr(self, "loss_impl", "plain") == "fused":
+                loss = fused_linear_cross_entropy(
+                    x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                    getattr(self, "loss_chunk_rows", FUSED_LOSS_CHUNK_ROWS))
+                return None, loss
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1)
@@ -182,6 +204,24 @@ class GPT(nn.Module):
         elif last_only:
             x = x[:, -1:, :]
         return self.lm_head(x), None
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
+                    length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for B rows, as a pure function: it reads the cache and writes nothing.
+
+        tokens, pos (B,): each row's newest token and its position; cache (n_layer, 2, S, H,
+        Lmax, D), rows [0, B) hold these rows; length: how many leading positions to read
+        (> max(pos)), so short sequences read less. Returns logits (B, V) and the new keys and
+        values (B, n_layer, 2, H, D), which the caller writes at (row, pos): one indexed copy
+        for every layer, and nothing for torch.compile to turn into copies of the cache."""
+        x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, C)
+        B = tokens.size(0)
+        new_kv = []
+        for i, block in enumerate(self.transformer.h):
+            x, kv = block.decode(x, cache[i, 0, :B, :, :length], cache[i, 1, :B, :, :length], pos)
+            new_kv.append(kv)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return logits, torch.stack(new_kv).permute(2, 0, 1, 3, 4)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float,
                              betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
@@ -202,3 +242,105 @@ class GPT(nn.Module):
     def estimate_mfu(self, tokens_per_s: float, seq_len: int, peak_flops: float = 989e12) -> float:
         """Model FLOPs utilisation against H100 SXM bf16 dense peak by default."""
         return self.flops_per_token(seq_len) * tokens_per_s / peak_flops
+
+
+# -----------------------------------------------------------------------------
+# lm_head + cross-entropy in row chunks: the (N, V) logits are never materialised
+
+FUSED_LOSS_CHUNK_ROWS = 8192  # x 50304 vocab in bf16: ~0.8 GB of logits per chunk
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                         with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits (n, V) in the compute dtype, targets (n,) -> (sum of the n losses in float32,
+    d(sum)/d(logits) = softmax - onehot in the logits' dtype, zero on ignored rows)."""
+    valid = (targets != ignore_index)[:, None]  # (n, 1)
+    logits_f = logits.float()
+    lse = torch.logsumexp(logits_f, dim=-1, keepdim=True)  # (n, 1)
+    target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).float()  # (n, 1)
+    loss_sum = torch.where(valid, lse - target_logit, 0.0).sum()
+    if not with_grad:
+        return loss_sum, None
+    # The one-hot as a comparison, not a scatter: one pointwise pass once compiled.
+    onehot = torch.arange(logits.size(1), device=logits.device)[None, :] == targets[:, None]
+    grad = torch.where(valid, torch.exp(logits_f - lse) - onehot.float(), 0.0)
+    return loss_sum, grad.to(logits.dtype)
+
+
+@functools.cache
+def _compiled_chunk_loss_and_grad() -> Callable:
+    # Eager, the chunk's float32 softmax would take several (n, V) passes through memory;
+    # compiled it is one reduction and one pointwise kernel.
+    return torch.compile(_chunk_loss_and_grad, dynamic=False)
+
+
+def _chunk_fn(device: torch.device) -> Callable:
+    # Under torch.compile of the whole model the plain function is traced into its graph;
+    # a nested compile only pays off on the GPU of an eager model.
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return _compiled_chunk_loss_and_grad()
+    return _chunk_loss_and_grad
+
+
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (x @ weight.T) against targets, chunk by chunk over the rows.
+
+    The forward computes each chunk's logits, its loss (float32 logsumexp) and at once the
+    gradients w.r.t. x and weight; the chunk's logits are then dropped. The backward only
+    scales the saved gradients by grad_output / n_valid (scaling last keeps float16 softmax
+    gradients from underflowing). Use `fused_linear_cross_entropy`, which picks the dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                compute_dtype: torch.dtype, chunk_rows: int, ignore_index: int) -> torch.Tensor:
+        N = x.size(0)
+        chunk_loss_and_grad = _chunk_fn(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            x_c, w_c = x.to(compute_dtype), weight.to(compute_dtype)  # (N, C), (V, C)
+            grad_x = torch.empty_like(x)  # (N, C)
+            grad_w = None  # (V, C) float32: the chunks' sum, rounded to weight.dtype once at the end
+            loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+            for start in range(0, N, chunk_rows):
+                x_chunk = x_c[start:start + chunk_rows]  # (n, C)
+                logits = x_chunk @ w_c.t()  # (n, V)
+                chunk_loss, grad_logits = chunk_loss_and_grad(
+                    logits, targets[start:start + chunk_rows], ignore_index, True)
+                loss_sum = loss_sum + chunk_loss
+                grad_x[start:start + chunk_rows] = grad_logits @ w_c
+                chunk_grad_w = (grad_logits.t() @ x_chunk).float()
+                grad_w = chunk_grad_w if grad_w is None else grad_w.add_(chunk_grad_w)
+        n_valid = (targets != ignore_index).sum()
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype), n_valid)
+        return loss_sum / n_valid
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        grad_x, grad_w, n_valid = ctx.saved_tensors
+        scale = grad_output / n_valid
+        return grad_x * scale.to(grad_x.dtype), grad_w * scale.to(grad_w.dtype), None, None, None, None
+
+
+def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               chunk_rows: int = FUSED_LOSS_CHUNK_ROWS,
+                               ignore_index: int = -1) -> torch.Tensor:
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=...) without the (N, V) logits.
+
+    x (N, C) hidden states, weight (V, C) the lm_head (tied or not: its gradient goes to
+    whatever parameter it is), targets (N,). Under autocast the logits are computed in the
+    autocast dtype, as F.linear would; the loss is float32 either way."""
+    if torch.is_autocast_enabled(x.device.type):
+        compute_dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        compute_dtype = torch.promote_types(x.dtype, weight.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return FusedLinearCrossEntropy.apply(x, weight, targets, compute_dtype, chunk_rows, ignore_index)
+    # No gradient wanted (evaluation): the same chunks, loss only.
+    chunk_loss = _chunk_fn(x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        x_c, w_c = x.to(compute_dtype), weight.to(compute_dtype)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, x.size(0), chunk_rows):
+            chunk, _ = chunk_loss(x_c[start:start + chunk_rows] @ w_c.t(),
+                                  targets[start:start + chunk_rows], ignore_index, False)
+            loss_sum = loss_sum + chunk
+    return loss_sum / (targets != ignore_index).sum()

@@ -141,6 +141,30 @@ class CodeTokenizer:
         _atomic_write_text(directory / TOKENIZER_FILE, json.dumps(meta, indent=2) + "\n")
 
 
+def build_prompt(tokenizer, prefix: str, suffix: str | None = None,
+                 max_prompt_tokens: int | None = None) -> list[int]:
+    """Token ids for a completion at the cursor: plain prefix, or a PSM fill-in-the-middle prompt.
+
+    Over max_prompt_tokens, keep the text nearest the cursor: the end of the prefix and the
+    start of the suffix (the suffix gets at most a third of the budget)."""
+    prefix_ids = tokenizer.encode(prefix)
+    if suffix is None:
+        if max_prompt_tokens is not None and len(prefix_ids) > max_prompt_tokens:
+            prefix_ids = prefix_ids[-max_prompt_tokens:]
+        return prefix_ids
+    suffix_ids = tokenizer.encode(suffix)
+    if max_prompt_tokens is not None:
+        budget = max_prompt_tokens - 3  # the three FIM control tokens
+        if budget < 1:
+            raise ValueError("max_prompt_tokens too small for a fill-in-the-middle prompt")
+        if len(prefix_ids) + len(suffix_ids) > budget:
+            keep_suffix = min(len(suffix_ids), max(budget // 3, budget - len(prefix_ids)))
+            suffix_ids = suffix_ids[:keep_suffix]
+            prefix_ids = prefix_ids[len(prefix_ids) - (budget - keep_suffix):] if budget > keep_suffix else []
+    return ([tokenizer.fim_prefix_id] + prefix_ids + [tokenizer.fim_suffix_id] + suffix_ids
+            + [tokenizer.fim_middle_id])
+
+
 def padded_vocab_size(n_vocab: int, multiple: int = 64) -> int:
     """Round the vocab up to a multiple of `multiple` (GPU matmuls like round shapes)."""
     if n_vocab < 1 or multiple < 1:

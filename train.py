@@ -8,6 +8,9 @@
     # one GPU: fine-tune GPT-2 124M on your code (the chapter's recipe), or from scratch
     python train.py config/train_code_assistant.py --dataset=python_code
     python train.py config/train_code_assistant_scratch.py --dataset=python_code
+    # the loss and attention kernels (bench/train_bench.py compares them): --loss_impl=fused|plain,
+    # --sdpa_backend=auto|cudnn|flash|efficient|math (an unavailable one is a one-line error)
+    python train.py config/train_code_assistant.py --dataset=python_code --sdpa_backend=cudnn
 
     # one node, 4 GPUs (NCCL); gradient_accumulation_steps is GLOBAL and split over the ranks
     torchrun --standalone --nproc_per_node=4 train.py config/train_code_assistant_ddp.py
@@ -30,7 +33,8 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import ConfigError, parse_config
 from data import DataError, TrainBatches, eval_batch, check_length, open_tokens, read_data_meta
-from model import GPT, GPTConfig
+from model import FUSED_LOSS_CHUNK_ROWS, GPT, GPTConfig
 from tokenizer import TokenizerError, load_tokenizer, padded_vocab_size
 
 log = logging.getLogger("train")
@@ -52,6 +56,8 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+LOSS_IMPLS = ("fused", "plain")
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 
 @dataclass
@@ -97,6 +103,12 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode, e.g. max-autotune-no-cudagraphs
     seed: int = 1337
     prefetch: int = 2  # batches a loader thread builds ahead on CUDA; 0 builds them inline
+    # fused: lm_head + cross-entropy in row chunks, never the (tokens, vocab) logits (model.py);
+    # plain: logits then F.cross_entropy. Same loss and gradients; fused holds no logits
+    # (less memory, room for larger micro-batches); bench/train_bench.py measures both.
+    loss_impl: str = "fused"
+    loss_chunk_rows: int = FUSED_LOSS_CHUNK_ROWS  # rows (tokens) per chunk of the fused loss
+    sdpa_backend: str = "auto"  # auto (PyTorch picks) | cudnn | flash | efficient | math
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -117,8 +129,13 @@ class TrainConfig:
             return f"compile_mode: {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"
         if self.dtype not in DTYPES:
             return f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}"
+        if self.loss_impl not in LOSS_IMPLS:
+            return f"loss_impl: {self.loss_impl!r} is not one of {', '.join(LOSS_IMPLS)}"
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            return f"sdpa_backend: {self.sdpa_backend!r} is not one of {', '.join(SDPA_BACKENDS)}"
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
-                     "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+                     "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval",
+                     "loss_chunk_rows"):
             if getattr(self, name) < 1:
                 return f"{name}: must be >= 1, got {getattr(self, name)}"
         for name in ("max_iters", "warmup_iters", "prefetch"):
@@ -260,7 +277,8 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
 
 @torch.no_grad()
 def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], cfg: TrainConfig,
-                  device: torch.device, autocast: Any) -> dict[str, float]:
+                  device: torch.device, autocast: Any,
+                  attention: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
     """Mean plain (no FIM) loss over eval_iters fixed batches of each split."""
     model.eval()
     out = {}
@@ -268,7 +286,7 @@ def estimate_loss(model: torch.nn.Module, splits: dict[str, np.ndarray], cfg: Tr
         losses = torch.zeros(cfg.eval_iters, device=device)
         for i in range(cfg.eval_iters):
             x, y = eval_batch(tokens, cfg.block_size, cfg.batch_size, cfg.seed, i)
-            with autocast:
+            with autocast, attention():
                 _, loss = model(x.to(device), y.to(device))
             losses[i] = loss
         out[name] = losses.mean().item()
@@ -361,9 +379,40 @@ def precision(device: torch.device, dtype: str) -> tuple[Any, torch.amp.GradScal
     return autocast, torch.amp.GradScaler(device.type, enabled=dtype == "float16")
 
 
+def attention_backend(backend: str, device: torch.device, dtype: str,
+                      head_dim: int) -> Callable[[], AbstractContextManager]:
+    """A factory of contexts that pin scaled_dot_product_attention to `backend` ("auto": nothing
+    pinned, PyTorch picks). Under torch.compile the kernel is chosen when the graph is traced,
+    so the context must be around the first forward too. A backend that cannot run a causal
+    attention of this dtype and head size on `device` is a ConfigError now (a tiny probe),
+    not a "No available kernel" traceback at the first step."""
+    if backend == "auto":
+        return nullcontext
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]
+    # ones, not randn: the probe must not move the RNG streams a resumed run replays
+    q = torch.ones(1, 2, 16, head_dim, device=device, dtype=DTYPES[dtype], requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel(kernel):
+                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+        except RuntimeError:
+            why = next((str(w.message).splitlines()[0] for w in caught if "because" in str(w.message)), "")
+            raise ConfigError(f"sdpa_backend: {backend!r} is not available for causal attention on "
+                              f"{device} in {dtype} with head dim {head_dim}{': ' + why if why else ''} "
+                              f"(sdpa_backend=auto lets PyTorch pick)") from None
+    return lambda: sdpa_kernel(kernel)
+
+
 def wrap_model(model: GPT, cfg: TrainConfig, device: torch.device,
                world_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(model to train: compiled and DDP-wrapped as configured, model to evaluate: no DDP)."""
+    """(model to train: compiled and DDP-wrapped as configured, model to evaluate: no DDP).
+    With loss_impl "fused" both return (None, loss) for targets: no logits."""
+    model.loss_impl = cfg.loss_impl  # read by GPT.forward; set before compiling, which guards on it
+    model.loss_chunk_rows = cfg.loss_chunk_rows
     if cfg.compile:
         log.info("compiling the model (mode %s; takes a minute)", cfg.compile_mode)
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
@@ -373,9 +422,11 @@ def wrap_model(model: GPT, cfg: TrainConfig, device: torch.device,
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               loader: TrainBatches, autocast: Any, grad_clip: float, lr: float) -> torch.Tensor:
+               loader: TrainBatches, autocast: Any, grad_clip: float, lr: float,
+               attention: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
     """One optimizer step over the loader's micro-batches for this rank. Returns the step's
-    mean loss as a device tensor: reading it is the caller's choice (a host sync)."""
+    mean loss as a device tensor: reading it is the caller's choice (a host sync).
+    `attention` makes the SDPA backend context (see attention_backend)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     ddp = isinstance(model, DDP)
@@ -384,7 +435,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler:
         x, y = loader.next()
         # Gradients are all-reduced once per step, on the last micro-step only.
         sync = model.no_sync() if ddp and micro < loader.local_accum - 1 else nullcontext()
-        with sync:
+        with sync, attention():
             with autocast:
                 _, loss = model(x, y)
                 loss = loss / loader.local_accum
@@ -462,12 +513,15 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
     if block_size != cfg.block_size:
         raise ConfigError(f"block_size: {cfg.block_size} but the resumed model has {block_size}")
     model.to(device)
-    info("model: %.2fM parameters, vocab %d, device %s, dtype %s, %d process(es)",
-         model.num_params() / 1e6, vocab_size, device, cfg.dtype, world_size)
+    info("model: %.2fM parameters, vocab %d, device %s, dtype %s, loss %s, sdpa %s, %d process(es)",
+         model.num_params() / 1e6, vocab_size, device, cfg.dtype, cfg.loss_impl, cfg.sdpa_backend,
+         world_size)
 
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
                                            (cfg.beta1, cfg.beta2), device.type)
     autocast, scaler = precision(device, cfg.dtype)
+    attention = attention_backend(cfg.sdpa_backend, device, cfg.dtype,
+                                  model.config.n_embd // model.config.n_head)
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         if resume.get("scaler"):
@@ -518,7 +572,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
 
     def evaluate_and_save() -> None:
         nonlocal best_val_loss
-        losses = estimate_loss(eval_model, {"train": train_tokens, "val": val_tokens}, cfg, device, autocast)
+        losses = estimate_loss(eval_model, {"train": train_tokens, "val": val_tokens}, cfg, device,
+                               autocast, attention)
         info("iter %d: train loss %.4f, val loss %.4f", step, losses["train"], losses["val"])
         record({"kind": "eval", "iter": step, "train_loss": losses["train"], "val_loss": losses["val"],
                 "time": time.time()})
@@ -535,7 +590,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
     stop = StopFlag()
     stop.install()
     stopped = False
-    t_last, steps_since_log, dt_avg = time.time(), 0, None
+    t_last, steps_since_log, dt_avg = time.perf_counter(), 0, None
     loss_sum = torch.zeros((), device=device)
     start_step = step
     try:
@@ -545,7 +600,7 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
                 if master:
                     evaluate_and_save()
                 _barrier(world_size)  # nobody trains on while rank 0 writes the checkpoint
-                t_last, steps_since_log = time.time(), 0  # eval time is not training time
+                t_last, steps_since_log = time.perf_counter(), 0  # eval time is not training time
             if step >= cfg.max_iters:
                 break
             # ---- stop request (SIGTERM): every rank must agree, or one would wait forever
@@ -567,7 +622,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
 
             # ---- one optimizer step over local_accum micro-batches
             lr = get_lr(step, cfg)
-            loss_sum += train_step(model, optimizer, scaler, loader, autocast, cfg.grad_clip, lr)
+            loss_sum += train_step(model, optimizer, scaler, loader, autocast, cfg.grad_clip, lr,
+                                   attention)
             step += 1
             steps_since_log += 1
 
@@ -579,8 +635,8 @@ def _train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -
                     mean_loss = mean_loss / world_size
                 last_train_loss = mean_loss.item()
                 loss_sum.zero_()
-                now = time.time()
-                dt = (now - t_last) / steps_since_log
+                now = time.perf_counter()
+                dt = max(now - t_last, 1e-9) / steps_since_log  # a coarse clock can read 0
                 t_last, steps_since_log = now, 0
                 dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt
                 tokens_per_s = tokens_per_step / dt

@@ -157,6 +157,13 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
         result["profile_single_stream_top_cuda"] = table
         print(table)
+        # one batch-256 generation: where the large-batch step goes
+        big = [torch.randint(0, cfg.vocab_size - 64, (args.prompt_len,), generator=g).tolist()
+               for _ in range(max_batch)]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.generate_batch(big, params)
+        result[f"profile_batch{max_batch}_top_cuda"] = prof.key_averages().table(
+            sort_by="self_cuda_time_total", row_limit=20)
 
     if not args.skip_server:
         result.update(run_server_bench(model, args, device))

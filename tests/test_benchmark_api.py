@@ -65,8 +65,10 @@ def check_level(row: dict, stream: bool) -> None:
     assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     assert row["cache_hits"] == 0  # the server's cache is off: every answer ran the model
     if stream:
-        assert row["ttft_p50_ms"] is not None and 0 < row["ttft_p50_ms"] < row["p50_ms"]
-        assert row["tpot_p50_ms"] is not None and row["tpot_p50_ms"] > 0
+        # >= 0, not > 0: where the clock ticks every 4 ms (our CI VMs) a first token that comes
+        # within a tick reads as 0
+        assert row["ttft_p50_ms"] is not None and 0 <= row["ttft_p50_ms"] <= row["p50_ms"]
+        assert row["tpot_p50_ms"] is not None and row["tpot_p50_ms"] >= 0
     else:
         # no first token is visible in a non-streamed answer: null, not a guess
         assert row["ttft_p50_ms"] is None and row["tpot_p50_ms"] is None
