@@ -141,6 +141,10 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # How forward computes the training loss: "plain" (logits, then cross-entropy; returns
+        # the logits too) or "fused" (see fused_linear_cross_entropy). train.py sets both.
+        self.loss_impl = "plain"
+        self.loss_chunk_rows = FUSED_LOSS_CHUNK_ROWS
         self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
@@ -167,7 +171,7 @@ class GPT(nn.Module):
                 input_pos: torch.Tensor | None = None, last_only: bool = False,
                 cache_rows: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
                 kv_len: int | None = None):
-        """idx (B, T) token ids. Training: targets (B, T) -> (logits, loss).
+        """idx (B, T) token ids. Training: targets (B, T) -> (logits, loss), or (None, loss) with loss_impl "fused".
         Generation: kv_caches, one (k, v) pair of (S, H, Lmax, D) slot caches per layer; input_pos
         (B,) the position of idx[:, 0] in each row; cache_rows (B,) the slot of each row (default
         row b -> slot b); kv_len the number of cache positions attended over. last_only returns logits (B, 1, V) for the last token only, and
@@ -188,12 +192,12 @@ class GPT(nn.Module):
                       kv_len, mask)
         x = self.transformer.ln_f(x)
         if targets is not None:
-            # Training with loss_impl = "fused" (train.py sets it; unset means "plain"): the
-            # chunked lm_head + cross-entropy below, which returns (None, loss), no logits.
-            if getattr(self, "loss_impl", "plain") == "fused":
+            # loss_impl "fused" (train.py's default): the chunked lm_head + cross-entropy,
+            # which never holds the (B*T, V) logits and returns (None, loss).
+            if self.loss_impl == "fused":
                 loss = fused_linear_cross_entropy(
                     x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                    getattr(self, "loss_chunk_rows", FUSED_LOSS_CHUNK_ROWS))
+                    self.loss_chunk_rows)
                 return None, loss
             logits = self.lm_head(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
