@@ -3,8 +3,8 @@
 Works against anything that speaks this project's API: `serve_api.py` (POST /complete and
 the OpenAI-style POST /v1/completions) or a vLLM-backed `serve_vllm.py` with the same routes.
 Clients are closed-loop: each of N clients sends its next request as soon as its previous
-one returns, so N is the number of requests in flight. One asyncio event loop with an
-httpx.AsyncClient whose connection pool is sized to N carries 256+ clients from one process
+one returns, so N is the number of requests in flight. One asyncio event loop, with one
+httpx.AsyncClient (one keep-alive connection) per client, carries 256+ clients from one process
 (threads would spend a core on context switches on a 2-core box).
 
 Prompts are cut from real held-out code (`--prompts-from` a directory of .py files, a data
@@ -324,7 +324,7 @@ def summarize(clients: int, samples: list[Sample], elapsed: float, cancelled: in
 async def _run_level(target: Target, clients: int, prompts: Sequence[str], requests: int,
                      duration_s: float, drain_s: float, seed: int, progress: bool,
                      offset: int = 0) -> dict:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     timeout = httpx.Timeout(target.timeout_s, connect=10.0)
     samples: list[Sample] = []
     issued = 0
@@ -349,14 +349,20 @@ async def _run_level(target: Target, clients: int, prompts: Sequence[str], reque
             if bar is not None:
                 bar.update(1)
 
-    async with httpx.AsyncClient(base_url=target.url, headers=target.headers, limits=limits,
-                                 timeout=timeout) as client:
-        tasks = [asyncio.create_task(client_loop(c, client)) for c in range(clients)]
+    # One connection per client, each in its own pool: httpx's shared pool does work per
+    # request that grows with the number of connections, and at 128+ clients the load
+    # generator, not the server, became the bottleneck (issue #5).
+    pools = [httpx.AsyncClient(base_url=target.url, headers=target.headers, limits=limits,
+                               timeout=timeout) for _ in range(clients)]
+    try:
+        tasks = [asyncio.create_task(client_loop(c, pools[c])) for c in range(clients)]
         # hard stop: after the issue window closes, in-flight requests get drain_s, then go
         _, pending = await asyncio.wait(tasks, timeout=duration_s + drain_s)
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        await asyncio.gather(*(p.aclose() for p in pools), return_exceptions=True)
     if bar is not None:
         bar.close()
     cancelled = issued - len(samples)

@@ -57,6 +57,7 @@ access_log = logging.getLogger("code_assistant.access")
 MAX_BODY_BYTES = 1024 * 1024
 MAX_PROMPT_CHARS = 500_000  # well under the body cap; the engine keeps only the text nearest the cursor
 MAX_STOP_CHARS = 256
+INLINE_TOKENIZE_CHARS = 2048  # prompts up to this long are tokenized on the event loop (~0.2 ms)
 COMPLETE_MAX_TOKENS = 200
 OPENAI_MAX_TOKENS = 2048
 # Paths a load balancer or scraper polls: no key, never refused while draining.
@@ -97,6 +98,9 @@ class Settings(BaseSettings):
     cache_size: int = Field(1024, ge=0)  # entries of the in-process cache; 0 disables caching
     cache_ttl_s: int = Field(86400, ge=1)  # Redis entries only
     drain_timeout_s: float = Field(30.0, ge=0, le=3600)
+    # 1: the engine in its own process (serve_api.py's EngineProcessBackend), so HTTP work in
+    # this process cannot starve it of the GIL; 0: on a thread of this process.
+    engine_process: bool = True
     # ---- FOR TESTS ONLY: fault injection and a slowed engine, used by tests/test_server*.py to
     # exercise error paths against a real server process. Never set these in production.
     fault_inject: Literal["", "off", "once", "always"] = Field("", validation_alias="CODE_ASSISTANT_FAULT_INJECT")
@@ -972,10 +976,11 @@ class Session:
     async def deltas(self) -> AsyncIterator[str]:
         """Final text pieces; raises TimeoutError past the deadline, APIError if the backend failed."""
         while True:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
+            if time.monotonic() >= self.deadline:
                 raise TimeoutError
-            tokens = await asyncio.wait_for(self.gen.next_tokens(), remaining)
+            # a timer, not wait_for's extra task: this runs once per batch of tokens
+            async with asyncio.timeout(self.deadline - time.monotonic()):
+                tokens = await self.gen.next_tokens()
             if tokens is None:
                 break
             self.completion_tokens += len(tokens)
@@ -1077,8 +1082,13 @@ class CompletionService:
         try:
             deadline = time.monotonic() + st.settings.request_timeout_s
             try:
-                # tokenizing a long prompt is real CPU work: keep it off the event loop
-                ids = await asyncio.to_thread(st.backend.build_prompt, job.prompt, job.suffix, max_prompt_tokens)
+                # tokenizing a long prompt is real CPU work: keep it off the event loop; a short
+                # one takes less time than the hand-off to a thread
+                if len(job.prompt) + len(job.suffix or "") <= INLINE_TOKENIZE_CHARS:
+                    ids = st.backend.build_prompt(job.prompt, job.suffix, max_prompt_tokens)
+                else:
+                    ids = await asyncio.to_thread(st.backend.build_prompt, job.prompt, job.suffix,
+                                                  max_prompt_tokens)
             except ValueError:
                 raise APIError(400, "the prompt cannot be encoded within the context", param="prompt") from None
             tok = st.backend.tokenizer

@@ -7,15 +7,18 @@ Writes bench/results/serving_cpu.json (+ .png):
                  per step over the KV cache). Both run interleaved in the same process, run for
                  run, so a noisy neighbour on the box slows both alike and the ratio stays fair.
     concurrency  benchmark_api.run_sweep against `python serve_api.py` started here on a free
-                 port with a tiny random-weight checkpoint (same per-level fields as
-                 benchmark_api.py).
+                 port with a random-weight checkpoint (same per-level fields as benchmark_api.py,
+                 plus engine_running/waiting sampled from /stats), for the first engine mode;
+                 concurrency_by_mode: every mode swept (ENGINE_PROCESS=1 "process", 0 "thread"),
+                 one server per mode, each level run on each mode in turn.
     notes/profile  if the 124M-shape speedup misses the 5x target: by how much, and where the
                  engine's time goes (torch.profiler, top ops by self CPU time).
 
 Usage:
     python bench/serving_cpu.py                      # everything (~5-10 min on 2 cores)
     python bench/serving_cpu.py --parts models       # only the engine-vs-naive table
-    python bench/serving_cpu.py --parts sweep --clients 1,8,32,64 --level-duration 10
+    python bench/serving_cpu.py --parts sweep --clients 32,64,128 --level-duration 10
+    python bench/serving_cpu.py --parts sweep --engine-modes process --sweep-model tiny
 Parts not run are kept from an existing output JSON, so the two can be refreshed separately.
 """
 from __future__ import annotations
@@ -220,9 +223,57 @@ def server_errors(logs: str, limit: int = 10) -> list[str]:
     return out[-limit:]
 
 
+# Server sweep models: "tiny" is the demo model (its engine is compute-bound on a CPU); "micro"
+# is the test suite's 2-layer, 64-wide shape, whose engine steps are fast enough that the HTTP
+# side decides throughput, as GPT-2 124M on an H100 does (issue #5).
+SWEEP_SHAPES: dict[str, dict[str, int]] = {"tiny": {}, "micro": {"n_layer": 2, "n_head": 2, "n_embd": 64}}
+ENGINE_MODES = {"process": "1", "thread": "0"}  # ENGINE_PROCESS
+
+
+class _Occupancy:
+    """Samples the server's /stats (engine running / waiting) every 0.25 s on a thread."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        import httpx
+
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+
+        def poll() -> None:
+            with httpx.Client(timeout=5) as c:
+                while not self._stop.is_set():
+                    try:
+                        st = c.get(url + "/stats").json()
+                        self.samples.append((time.monotonic(), st["running"], st["waiting"]))
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        pass  # a missed sample only thins the mean
+                    self._stop.wait(0.25)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+
+    def summary(self, t0: float, t1: float) -> dict[str, Any]:
+        w = [s for s in self.samples if t0 <= s[0] <= t1]
+        if not w:
+            return {}
+        return {"engine_running_mean": round(sum(s[1] for s in w) / len(w), 1),
+                "engine_running_max": max(s[1] for s in w),
+                "engine_waiting_mean": round(sum(s[2] for s in w) / len(w), 1),
+                "engine_waiting_max": max(s[2] for s in w)}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
 def run_server_sweep(clients: Sequence[int], max_concurrent: int, level_requests: int,
                      level_duration: float, prompts_from: str | None, endpoint: str,
-                     server_threads: int, stream: bool) -> dict[str, Any]:
+                     server_threads: int, stream: bool, shape: str = "tiny",
+                     modes: Sequence[str] = ("process",)) -> dict[str, Any]:
+    """The concurrency sweep against one server per engine mode, started side by side: each
+    level runs on every mode in turn, so a busy neighbour on the box slows them alike."""
     import benchmark_api
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -232,12 +283,16 @@ def run_server_sweep(clients: Sequence[int], max_concurrent: int, level_requests
            # every request must reach the engine: no answers from the response cache
            "CACHE_SIZE": "0", "LOG_LEVEL": "warning", "MODEL_NAME": "tiny",
            "OMP_NUM_THREADS": str(server_threads)}
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    logs: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="serving_cpu_") as tmp:
-        ckpt = make_tiny_checkpoint(Path(tmp) / "tiny")
-        srv = ServerProcess(ckpt, env, ready_timeout=180.0)
-        url = srv.url
+        ckpt = make_tiny_checkpoint(Path(tmp) / shape, **SWEEP_SHAPES[shape])
+        servers = {m: ServerProcess(ckpt, {**env, "ENGINE_PROCESS": ENGINE_MODES[m]}, ready_timeout=180.0)
+                   for m in modes}
+        occupancy: dict[str, _Occupancy] = {}
         try:
-            srv.start()
+            for srv in servers.values():
+                srv.start()
             source = prompts_from
             if source is None:
                 # held-out-style real code: the stdlib files the tokenizer did NOT see
@@ -249,24 +304,38 @@ def run_server_sweep(clients: Sequence[int], max_concurrent: int, level_requests
                 source = str(src_file)
             n = level_requests * len(clients) + 3
             prompts, desc = benchmark_api.load_prompts(source, n, PROMPT_TOKENS, seed=0)
-            rows = benchmark_api.run_sweep(url, clients, endpoint=endpoint, stream=stream,
-                                           max_tokens=NEW_TOKENS, temperature=0.0,
-                                           requests_per_level=level_requests,
-                                           duration_s=level_duration, drain_s=level_duration,
-                                           prompts=prompts, warmup=3)
-            device = benchmark_api.server_device(url, None)
+            occupancy = {m: _Occupancy(srv.url) for m, srv in servers.items()}
+            for i, c in enumerate(clients):
+                for m, srv in servers.items():
+                    t0 = time.monotonic()
+                    row = benchmark_api.run_sweep(srv.url, [c], endpoint=endpoint, stream=stream,
+                                                  max_tokens=NEW_TOKENS, temperature=0.0,
+                                                  requests_per_level=level_requests,
+                                                  duration_s=level_duration, drain_s=level_duration,
+                                                  prompts=prompts, warmup=3 if i == 0 else 0,
+                                                  progress=False)[0]
+                    # the first second is the ramp-up: leave it out of the occupancy means
+                    row.update(occupancy[m].summary(t0 + 1.0, time.monotonic()), loadavg=loadavg())
+                    rows[m].append(row)
+                    print(f"[{m}] {benchmark_api._line(row)} running~{row.get('engine_running_mean')}",
+                          file=sys.stderr, flush=True)
+            device = benchmark_api.server_device(next(iter(servers.values())).url, None)
         finally:
-            code = srv.terminate()
-            logs = srv.logs()
-            srv.close()
-        if code not in (0, -15):
-            print(f"serve_api.py exited {code}; log tail:\n{logs[-2000:]}", file=sys.stderr)
-    errors = sum(r["errors"] for r in rows)
-    return {"rows": rows, "server_log_errors": server_errors(logs) if errors else [],
+            for o in occupancy.values():
+                o.close()
+            for m, srv in servers.items():
+                code = srv.terminate()
+                logs[m] = srv.logs()
+                srv.close()
+                if code not in (0, -15):
+                    print(f"serve_api.py ({m}) exited {code}; log tail:\n{logs[m][-2000:]}", file=sys.stderr)
+    errors = {m: sum(r["errors"] for r in rs) for m, rs in rows.items()}
+    return {"rows": rows, "server_log_errors": {m: server_errors(logs[m]) for m in modes if errors[m]},
             "server": {"command": "python serve_api.py",
-                                     "env": {k: v for k, v in env.items() if k != "LOG_LEVEL"},
-                                     "model": "tiny (random weights, 4096-token BPE)",
-                                     "device_from_stats": device},
+                       "env": {k: v for k, v in env.items() if k != "LOG_LEVEL"},
+                       "engine_modes": {m: f"ENGINE_PROCESS={ENGINE_MODES[m]}" for m in modes},
+                       "model": f"{shape} (random weights, 4096-token BPE)",
+                       "device_from_stats": device},
             "prompts": desc, "endpoint": endpoint, "stream": stream,
             "limits": {"requests_per_level": level_requests, "duration_s": level_duration}}
 
@@ -293,20 +362,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
         a0.set_ylabel(f"ms for {NEW_TOKENS} tokens (p50)")
         a0.set_title(f"batch 1, {PROMPT_TOKENS}-token prompt, greedy")
         a0.legend()
+    by_mode = result.get("concurrency_by_mode") or ({"server": rows} if rows else {})
     if rows:
         xs = [r["clients"] for r in rows]
-        a1.plot(xs, [r["p50_ms"] for r in rows], "o-", label="p50")
-        a1.plot(xs, [r["p95_ms"] for r in rows], "o-", label="p95")
-        if any(r.get("ttft_p50_ms") is not None for r in rows):
-            a1.plot(xs, [r.get("ttft_p50_ms") for r in rows], "s--", label="TTFT p50")
+        for mode, mrows in by_mode.items():
+            mx = [r["clients"] for r in mrows]
+            a1.plot(mx, [r["p50_ms"] for r in mrows], "o-", label=f"{mode} p50")
+            a1.plot(mx, [r["p95_ms"] for r in mrows], "s--", label=f"{mode} p95")
+            a2.plot(mx, [r["req_per_s"] for r in mrows], "o-", label=mode)
         a1.set_xlabel("concurrent clients")
         a1.set_ylabel("latency (ms)")
-        a1.set_title("serve_api.py tiny model: latency")
+        a1.set_title("serve_api.py: latency by engine mode")
         a1.legend()
-        a2.plot(xs, [r["tokens_per_s"] for r in rows], "o-", color="tab:green")
         a2.set_xlabel("concurrent clients")
-        a2.set_ylabel("output tokens/s")
+        a2.set_ylabel("requests/s")
         a2.set_title("throughput")
+        a2.legend()
         for ax in (a1, a2):
             ax.set_xscale("log", base=2)
             ax.set_xticks(xs, [str(x) for x in xs])
@@ -331,11 +402,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="auto: profile the engine when the 124M target is missed")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice, one per core)")
-    p.add_argument("--clients", type=_ints, default=[1, 8, 32, 64])
-    p.add_argument("--max-concurrent", type=int, default=16)
-    p.add_argument("--level-requests", type=int, default=200)
+    p.add_argument("--clients", type=_ints, default=[1, 32, 64, 128])
+    p.add_argument("--max-concurrent", type=int, default=128)
+    p.add_argument("--sweep-model", choices=list(SWEEP_SHAPES), default="micro",
+                   help="micro: engine steps cheap enough that HTTP decides throughput (as on a GPU)")
+    p.add_argument("--engine-modes", default="process,thread",
+                   help="ENGINE_PROCESS modes to sweep side by side; the first is `concurrency`")
+    p.add_argument("--level-requests", type=int, default=5000)
     p.add_argument("--level-duration", type=float, default=10.0)
-    p.add_argument("--endpoint", choices=("complete", "v1"), default="v1")
+    p.add_argument("--endpoint", choices=("complete", "v1"), default="complete",
+                   help="complete: non-streamed, as bench/serving_gpu.py and issue #5")
     p.add_argument("--no-stream", action="store_true",
                    help="sweep without SSE (then TTFT/TPOT are null: not observable)")
     p.add_argument("--prompts-from", default=None)
@@ -387,16 +463,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     notes.append(f"models: 124M-shape target MISSED: {m['speedup']:.2f}x < {TARGET_SPEEDUP}x "
                                  f"(short by {TARGET_SPEEDUP / m['speedup']:.2f}x); see models[].profile")
     if "sweep" in parts:
+        modes = [m for m in args.engine_modes.split(",") if m]
+        if not modes or set(modes) - set(ENGINE_MODES):
+            p.error(f"--engine-modes takes a comma list of {sorted(ENGINE_MODES)}")
         sweep = run_server_sweep(args.clients, args.max_concurrent, args.level_requests,
                                  args.level_duration, args.prompts_from, args.endpoint,
                                  args.server_threads,
-                                 stream=not args.no_stream and args.endpoint == "v1")
-        result["concurrency"] = sweep.pop("rows")
+                                 stream=not args.no_stream and args.endpoint == "v1",
+                                 shape=args.sweep_model, modes=modes)
+        by_mode = sweep.pop("rows")
+        result["concurrency"] = by_mode[modes[0]]
+        result["concurrency_by_mode"] = by_mode
         result["concurrency_meta"] = sweep
-        errs = sum(r["errors"] for r in result["concurrency"])
-        notes.append(f"sweep: clients {args.clients} against serve_api.py "
-                     f"(MAX_CONCURRENT_SEQUENCES={args.max_concurrent}), {errs} errors; "
-                     "128/256 clients not run on 2 cores")
+        errs = {m: sum(r["errors"] for r in rs) for m, rs in by_mode.items()}
+        notes.append(f"sweep: clients {args.clients} against serve_api.py ({args.sweep_model} model, "
+                     f"{args.endpoint}, MAX_CONCURRENT_SEQUENCES={args.max_concurrent}), engine modes "
+                     f"{modes} run level by level side by side; errors {errs}. The load generator "
+                     "shares the 2 cores with the server")
     result["notes"] = notes
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

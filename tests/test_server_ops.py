@@ -1,9 +1,14 @@
 """Production behaviour of a real server process: overload (429), rate limits, timeouts (504),
 client disconnects, the Redis cache, fault injection (500 then 503 health), SIGTERM drain
-(exit 0) under `uvicorn serve_api:app`, and settings validation (exit 2)."""
+(exit 0) under `uvicorn serve_api:app`, and settings validation (exit 2).
+
+Every test that touches the engine runs in both modes (ENGINE_PROCESS=1: the engine in its own
+process, the default; ENGINE_PROCESS=0: on a thread of the server), and the engine process's
+own failure paths (killed mid-request, never an orphan) are tested on their own."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +25,13 @@ from server_utils import (ROOT, RedisProcess, ServerProcess, clean_env, long_run
 
 K1, K2, K3 = "ops-key-one-1111", "ops-key-two-2222", "ops-key-three-3333"
 STEP_DELAY_MS = "20"
+MODES = {"process": "1", "thread": "0"}  # ENGINE_PROCESS
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def mode(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The engine mode as server env; module scope, so each mode starts its servers once."""
+    return {"ENGINE_PROCESS": MODES[request.param]}
 
 
 def auth(key: str) -> dict[str, str]:
@@ -68,11 +80,14 @@ def redis_url():
 
 
 @pytest.fixture(scope="module")
-def slow_server(ckpt: Path, redis_url: str):
+def slow_server(ckpt: Path, redis_url: str, mode: dict[str, str]):
     """2 sequences + 2 waiting at most, 20 ms per engine step, 3 s timeout, Redis cache."""
     env = {"API_KEYS": f"{K1},{K2},{K3}", "MAX_CONCURRENT_SEQUENCES": "2", "MAX_QUEUE": "2",
            "RATE_LIMIT_PER_MINUTE": "20", "REQUEST_TIMEOUT_S": "3", "REDIS_URL": redis_url,
-           "CODE_ASSISTANT_TEST_STEP_DELAY_MS": STEP_DELAY_MS}
+           "CODE_ASSISTANT_TEST_STEP_DELAY_MS": STEP_DELAY_MS, **mode}
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()  # the other mode's answers must not be cache hits here
     with ServerProcess(ckpt, env) as srv:
         yield srv
 
@@ -88,8 +103,10 @@ def test_overflow_gets_immediate_429_with_retry_after(slow_server: ServerProcess
         with httpx.Client(timeout=30) as c:
             barrier.wait()
             t0 = time.monotonic()
+            # 20 tokens (0.4 s at 20 ms a step): in flight while the others arrive, and the two
+            # queued behind them still end well inside the 3 s timeout on a busy machine
             r = c.post(slow_server.url + "/complete", headers=auth(K1),
-                       json={"code": long_prompt + f"# {i}\n", "max_tokens": 40, "temperature": 0})
+                       json={"code": long_prompt + f"# {i}\n", "max_tokens": 20, "temperature": 0})
             results.append((r.status_code, dict(r.headers) | {"body": r.text}, time.monotonic() - t0))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
@@ -183,8 +200,8 @@ def test_redis_cache(slow_server: ServerProcess, redis_url: str) -> None:
 
 # ---- faults ---------------------------------------------------------------------------------
 
-def test_engine_fault_once_gives_500_and_server_recovers(ckpt: Path) -> None:
-    with ServerProcess(ckpt, {"CODE_ASSISTANT_FAULT_INJECT": "once"}) as srv:
+def test_engine_fault_once_gives_500_and_server_recovers(ckpt: Path, mode: dict[str, str]) -> None:
+    with ServerProcess(ckpt, {"CODE_ASSISTANT_FAULT_INJECT": "once", **mode}) as srv:
         r = httpx.post(srv.url + "/complete", json={"code": "def f():\n", "max_tokens": 4}, timeout=30)
         err = assert_envelope(r, 500)
         assert err["type"] == "server_error" and r.headers["x-request-id"] in err["message"]
@@ -196,12 +213,13 @@ def test_engine_fault_once_gives_500_and_server_recovers(ckpt: Path) -> None:
         assert "engine step failed" in logs and "no API keys configured" in logs
 
 
-def test_engine_that_cannot_recover_turns_health_503(ckpt: Path) -> None:
-    with ServerProcess(ckpt, {"CODE_ASSISTANT_FAULT_INJECT": "always"}) as srv:
+def test_engine_that_cannot_recover_turns_health_503(ckpt: Path, mode: dict[str, str]) -> None:
+    with ServerProcess(ckpt, {"CODE_ASSISTANT_FAULT_INJECT": "always", **mode}) as srv:
         statuses = []
         for i in range(6):
             r = httpx.post(srv.url + "/v1/completions", timeout=30,
-                           json={"model": "tiny-code", "prompt": f"x = {i}", "max_tokens": 4})
+                           # greedy: a sampled end-of-text in the failing step would answer 200
+                           json={"model": "tiny-code", "prompt": f"x = {i}", "max_tokens": 4, "temperature": 0})
             statuses.append(r.status_code)
             assert_envelope(r, r.status_code)
             if httpx.get(srv.url + "/health").status_code == 503:
@@ -216,9 +234,9 @@ def test_engine_that_cannot_recover_turns_health_503(ckpt: Path) -> None:
 # ---- SIGTERM drain -------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt: Path, long_prompt: str) -> None:
+def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt: Path, long_prompt: str, mode: dict[str, str]) -> None:
     env = {"MAX_CONCURRENT_SEQUENCES": "8", "MAX_QUEUE": "8", "DRAIN_TIMEOUT_S": "30", "CACHE_SIZE": "0",
-           "CODE_ASSISTANT_TEST_STEP_DELAY_MS": STEP_DELAY_MS}
+           "CODE_ASSISTANT_TEST_STEP_DELAY_MS": STEP_DELAY_MS, **mode}
     srv = ServerProcess(ckpt, env, use_uvicorn_cli=True).start()  # the `uvicorn serve_api:app` path
     try:
         results: list[tuple[int, dict]] = []
@@ -244,6 +262,67 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt: Path, long_prompt: 
         assert all(b["tokens"] == 80 for _, b in results), results
         assert srv.proc.wait(30) == 0
         assert "draining" in srv.logs()
+        if mode["ENGINE_PROCESS"] == "1":
+            assert not pid_alive(engine_pid(srv)), "the engine process outlived the server"
+    finally:
+        srv.close()
+
+
+# ---- the engine process ----------------------------------------------------------------------
+
+def engine_pid(srv: ServerProcess) -> int:
+    """The engine process's pid, from the server's "engine started" log line."""
+    for line in srv.logs().splitlines():
+        if '"engine started"' in line:
+            return int(json.loads(line)["pid"])
+    raise AssertionError("no 'engine started' line with a pid in the server log")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_http_process_never_imports_torch(ckpt: Path) -> None:
+    with ServerProcess(ckpt) as srv:
+        assert httpx.post(srv.url + "/complete", json={"code": "x = 1\n", "max_tokens": 3}, timeout=30).status_code == 200
+        maps = Path(f"/proc/{srv.proc.pid}/maps").read_text()
+        assert "libtorch" not in maps, "torch was imported by the HTTP process"
+        assert "libtorch" in Path(f"/proc/{engine_pid(srv)}/maps").read_text()
+
+
+def test_killed_engine_process_fails_requests_cleanly_and_turns_health_503(ckpt: Path, long_prompt: str) -> None:
+    env = {"CODE_ASSISTANT_TEST_STEP_DELAY_MS": STEP_DELAY_MS}
+    srv = ServerProcess(ckpt, env).start()
+    try:
+        results: list[httpx.Response] = []
+        t = threading.Thread(target=lambda: results.append(httpx.post(
+            srv.url + "/complete", timeout=30, json={"code": long_prompt, "max_tokens": 150, "temperature": 0})))
+        t.start()
+        assert wait_for(lambda: running(srv.url) == 1, 5.0)
+        os.kill(engine_pid(srv), signal.SIGKILL)
+        t.join(10)
+        err = assert_envelope(results[0], 500)  # a clean error, not a hang or a cut connection
+        assert err["type"] == "server_error"
+        assert_envelope(httpx.get(srv.url + "/health"), 503)
+        assert httpx.get(srv.url + "/ready").status_code == 503
+        assert_envelope(httpx.post(srv.url + "/complete", json={"code": "y", "max_tokens": 2}, timeout=10), 503)
+        assert "engine process exited unexpectedly" in srv.logs()
+        assert srv.terminate() == 0
+    finally:
+        srv.close()
+
+
+def test_engine_process_exits_when_the_server_is_killed(ckpt: Path) -> None:
+    srv = ServerProcess(ckpt).start()
+    try:
+        pid = engine_pid(srv)
+        srv.proc.kill()  # no shutdown at all: the engine must notice its socket closing
+        srv.proc.wait(10)
+        assert wait_for(lambda: not pid_alive(pid), 10.0), "orphaned engine process"
     finally:
         srv.close()
 
@@ -256,6 +335,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ckpt: Path, long_prompt: 
     ({"PORT": "99999"}, "PORT"),
     ({"API_KEYS_FILE": "/nonexistent/keys.txt"}, "API_KEYS_FILE"),
     ({"REDIS_URL": "http://example.com"}, "REDIS_URL"),
+    ({"ENGINE_PROCESS": "sometimes"}, "ENGINE_PROCESS"),
     ({"LOG_LEVEL": "loud", "API_KEYS": "super-secret-key"}, "LOG_LEVEL"),
 ])
 def test_bad_setting_exits_2_with_one_line(env: dict[str, str], name: str) -> None:
