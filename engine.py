@@ -444,9 +444,9 @@ class Engine:
         reqs = [batch[i] for i in done]
         slots = torch.tensor([r.slot for r in reqs], device=dev)
         p = [r.params for r in reqs]
-        self.temp_buf[slots] = torch.tensor([x.temperature for x in p], device=dev)
-        self.topk_buf[slots] = torch.tensor([x.top_k for x in p], device=dev)
-        self.topp_buf[slots] = torch.tensor([x.top_p for x in p], device=dev)
+        self.temp_buf[slots] = torch.tensor([float(x.temperature) for x in p], device=dev)
+        self.topk_buf[slots] = torch.tensor([int(x.top_k) for x in p], device=dev)
+        self.topp_buf[slots] = torch.tensor([float(x.top_p) for x in p], device=dev)
         self.seed_buf[slots] = torch.tensor([r.seed for r in reqs], device=dev)
         pos = torch.tensor([len(r.prompt) for r in reqs], device=dev)
         first = sample_tokens(logits[idx, -1, : self.vocab_size], self.temp_buf[slots], self.topk_buf[slots],

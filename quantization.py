@@ -135,7 +135,9 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = _compiled_int8_linear() if x.is_cuda else int8_linear
+        # Eager on CUDA: its own compiled kernel. Inside a compiled graph (the engine's decode
+        # step) the plain function is traced and fused with the rest.
+        fn = _compiled_int8_linear() if x.is_cuda and not torch.compiler.is_compiling() else int8_linear
         return fn(x, self.qweight, self.scales, self.bias)
 
     def dequantized_weight(self) -> torch.Tensor:

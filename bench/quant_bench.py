@@ -248,11 +248,9 @@ def _cpu_notes(rows: list[dict[str, Any]]) -> list[str]:
 def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda":
-        # gpt-fast's setting: inductor then lowers batch-1 matmuls (M == 1) to a fused
-        # multiply-reduce, which folds the int8 -> bf16 conversion into the weight read.
-        import torch._inductor.config as inductor_config
-        inductor_config.coordinate_descent_tuning = True
+    # No global inductor coordinate_descent_tuning here: the engine compiles its whole decode
+    # step, and tuning every kernel of it took over 9 minutes for the 124M shape alone on an
+    # H100 (bench/int8_matmul.py measures that setting on single matmuls instead).
     rows = []
     for name in args.shapes.split(","):
         start = time.perf_counter()
@@ -289,8 +287,8 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
     notes = [
         "random weights in bf16 (speed and memory don't depend on the values); int8 = "
         "int8-weight-only: per-row int8 weights + bf16 scales, F.linear(x, w.to(bf16)) * scales, "
-        "the int8 matmul compiled (torch.compile dynamic=True, inductor coordinate_descent_tuning, "
-        "gpt-fast's setting) and the whole decode step captured in the Engine's CUDA graphs.",
+        "the int8 matmul compiled with the rest of the Engine's decode step (torch.compile, "
+        "dynamic shapes) and captured in its CUDA graphs.",
         "*_mb is weights resident on the device; int8 keeps a bf16 copy of the embedding (wte, "
         "dequantized at load) for the lookup next to lm_head's int8 rows.",
         "tok/s at batch 1 is decode only (prefill excluded); at batch 16 it includes prefill.",

@@ -201,3 +201,10 @@ def test_sample_and_evaluate_run_on_a_trained_checkpoint(tiny_ckpt_dir, tiny_dat
     missing = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path / "nope")],
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_integer_sampling_params_are_accepted(model):
+    """temperature=0 and top_p=1 as ints (a direct caller's natural spelling) decode like floats."""
+    engine = Engine(model, max_batch=2)
+    as_ints = engine.generate([3, 4, 5], SamplingParams(max_tokens=6, temperature=0, top_p=1))
+    assert as_ints == generate_without_cache(model, [3, 4, 5], 6)
