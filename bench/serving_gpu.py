@@ -167,9 +167,37 @@ def main() -> None:
 
     if not args.skip_server:
         result.update(run_server_bench(model, args, device))
+        result["single_stream_p50_ms"]["server"] = result["single_stream_p50_ms_server"]
+    result["targets"] = check_targets(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=2))
+
+
+TARGETS = {"server_single_stream_p50_ms_max": 10.0, "req_per_s_at_128_min": 2000.0,
+           "p95_ms_at_128_max": 100.0, "engine_tokens_per_s_at_256_min": 150_000.0}
+
+
+def check_targets(result: dict) -> dict:
+    """Each issue #5 target next to what this run measured, and whether it was met."""
+    out: dict = {}
+    server = result["single_stream_p50_ms"].get("server")
+    if server is not None:
+        out["server_single_stream_p50_ms"] = {"target_max": TARGETS["server_single_stream_p50_ms_max"],
+                                              "measured": server, "met": server <= TARGETS["server_single_stream_p50_ms_max"]}
+    row = next((r for r in result.get("concurrency", []) if r["clients"] == 128), None)
+    if row is not None:
+        out["clients_128"] = {"target_req_per_s_min": TARGETS["req_per_s_at_128_min"],
+                              "target_p95_ms_max": TARGETS["p95_ms_at_128_max"],
+                              "req_per_s": row["req_per_s"], "p95_ms": row["p95_ms"], "errors": row["errors"],
+                              "met": row["req_per_s"] >= TARGETS["req_per_s_at_128_min"]
+                              and row["p95_ms"] <= TARGETS["p95_ms_at_128_max"] and row["errors"] == 0}
+    big = next((r for r in result.get("engine_batch", []) if r["batch"] == 256), None)
+    if big is not None:
+        out["engine_batch_256_tokens_per_s"] = {"target_min": TARGETS["engine_tokens_per_s_at_256_min"],
+                                                "measured": big["tokens_per_s"],
+                                                "met": big["tokens_per_s"] >= TARGETS["engine_tokens_per_s_at_256_min"]}
+    return out
 
 
 def run_server_bench(model: GPT, args, device: str) -> dict:
