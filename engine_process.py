@@ -33,6 +33,8 @@ from typing import Any
 
 log = logging.getLogger("code_assistant.engine_process")
 
+# Messages are pickled: both ends are this program, over an anonymous socketpair inherited by
+# the child (no address anyone else can connect to), so nothing untrusted is ever unpickled.
 PICKLE = pickle.HIGHEST_PROTOCOL
 
 
