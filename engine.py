@@ -6,9 +6,11 @@ A continuous-batching generator of token ids over a KV cache allocated once:
 - A scheduler (`step`, run by a background thread or inline) admits waiting requests between
   decode steps, prefills them in padded batches of chunks, and runs one batched decode step
   over the slots in use. Finished or cancelled requests leave at once and free their slot.
-- On CUDA the decode step is captured as CUDA graphs, one per (batch bucket, length bucket),
-  and runs one step ahead of the host: step t+1 is launched before the tokens of step t are
-  read back, so host bookkeeping overlaps GPU work.
+- The decode step is `model.decode_step`, a pure function (the new K/V come back and one
+  indexed copy writes them for every layer). On CUDA it is compiled with torch.compile,
+  captured as CUDA graphs, one per (batch bucket, length bucket, greedy or not), and runs one
+  step ahead of the host: step t+1 is launched before the tokens of step t are read back, so
+  host bookkeeping overlaps GPU work. On CPU the same code runs eagerly.
 - Sampling runs on the device: temperature, top-k, top-p, with Gumbel noise from a hash of
   (request seed, position, token) so a seeded request samples the same tokens whatever
   else shares its batch.
