@@ -53,11 +53,12 @@ class EngineGeneration:
         self._event = asyncio.Event()
         self.marked = False  # queued for the next wake-up (engine thread sets, loop clears)
         self.request: Any = None  # engine.Request, set right after submit
+        self.wake_on_tokens = True  # False while final_tokens waits: only the finish wakes it
 
     # engine thread: keep these cheap and return
     def on_token(self, token_id: int) -> None:
         self._tokens.append(token_id)
-        if not self.marked:
+        if not self.marked and self.wake_on_tokens:
             self.marked = True
             self._backend.dirty.append(self)
 
@@ -81,6 +82,15 @@ class EngineGeneration:
             if self._tokens or self._finished:  # arrived between the check and the clear
                 continue
             await self._event.wait()
+
+    async def final_tokens(self) -> list[int] | None:
+        self.wake_on_tokens = False  # read by the engine thread: at worst one more wake-up
+        while not self._finished:
+            self._event.clear()
+            if self._finished:  # finished between the check and the clear
+                break
+            await self._event.wait()
+        return [self._tokens.popleft() for _ in range(len(self._tokens))] or None
 
     def cancel(self) -> None:
         if self.request is not None:
@@ -212,7 +222,8 @@ def _wake_all(generations: list[EngineGeneration]) -> None:
 class ProcessGeneration:
     """A request running in the engine process, seen from the event loop (which alone touches it)."""
 
-    __slots__ = ("_backend", "rid", "_tokens", "_event", "_finished", "_cancelled", "finish_reason", "_timings")
+    __slots__ = ("_backend", "rid", "_tokens", "_event", "_finished", "_cancelled", "finish_reason", "_timings",
+                 "_wake_on_tokens")
 
     def __init__(self, backend: "EngineProcessBackend", rid: int) -> None:
         self._backend = backend
@@ -223,10 +234,12 @@ class ProcessGeneration:
         self._cancelled = False
         self.finish_reason: str | None = None
         self._timings = GenerationTimings()
+        self._wake_on_tokens = True  # False while final_tokens waits: only the finish wakes it
 
     def push(self, tokens: list[int]) -> None:
         self._tokens.extend(tokens)
-        self._event.set()
+        if self._wake_on_tokens:
+            self._event.set()
 
     def finish(self, reason: str, timings: GenerationTimings) -> None:
         self.finish_reason = reason
@@ -243,6 +256,14 @@ class ProcessGeneration:
                 return None
             self._event.clear()
             await self._event.wait()
+
+    async def final_tokens(self) -> list[int] | None:
+        self._wake_on_tokens = False
+        while not self._finished:
+            self._event.clear()
+            await self._event.wait()
+        tokens, self._tokens = self._tokens, []
+        return tokens or None
 
     def cancel(self) -> None:
         if not self._finished and not self._cancelled:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import hashlib
 import hmac
 import json
@@ -236,6 +237,11 @@ class Generation(Protocol):
     async def next_tokens(self) -> list[int] | None:
         """Every token generated since the last call (waits for at least one), or None once the
         request has finished. Batches keep per-token work off the event loop."""
+        ...
+
+    async def final_tokens(self) -> list[int] | None:
+        """As next_tokens, but waits until the request has finished: every token not taken yet
+        in one call (one wake-up per request instead of one per engine step), then None."""
         ...
 
     def cancel(self) -> None:
@@ -656,6 +662,11 @@ class TextAssembler:
     def text(self) -> str:
         return getattr(self, "_final", self._text[: self._emitted])
 
+    @property
+    def can_stop(self) -> bool:
+        """Whether a stop string or the suffix's first line may end the completion early."""
+        return bool(self._stop) or bool(self._suffix_line)
+
     def _find_stop(self, text: str) -> int | None:
         best = None
         for s in self._stop:
@@ -809,6 +820,22 @@ class Metrics:
         self.kv_usage = Gauge("code_completion_kv_cache_usage_ratio", "fraction of the KV cache in use", registry=r)
         self.gpu_memory = Gauge("gpu_memory_used_bytes", "accelerator memory allocated by the model", registry=r)
         self.model_loaded = Gauge("model_loaded", "1 once the model is loaded and warmed", registry=r)
+        # labelled children, looked up once per label set: labels() costs more than the
+        # observation itself, and runs twice per request
+        self._requests_by: dict[tuple[int, str], Any] = {}
+        self._duration_by: dict[str, Any] = {}
+
+    def observe_request(self, status: int, endpoint: str, elapsed_s: float) -> None:
+        """One finished HTTP request: its status count and its latency."""
+        counter = self._requests_by.get((status, endpoint))
+        if counter is None:
+            counter = self._requests_by[(status, endpoint)] = self.requests.labels(status=str(status),
+                                                                                   endpoint=endpoint)
+        duration = self._duration_by.get(endpoint)
+        if duration is None:
+            duration = self._duration_by[endpoint] = self.duration.labels(endpoint=endpoint)
+        counter.inc()
+        duration.observe(elapsed_s)
 
     def bind(self, backend: Backend, state: "ServingState") -> None:
         # read at scrape time, so they are never stale
@@ -973,14 +1000,21 @@ class Session:
         self.finish_reason: str | None = None
         self._closed = False
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """Final text pieces; raises TimeoutError past the deadline, APIError if the backend failed."""
+    async def deltas(self, whole: bool = False) -> AsyncIterator[str]:
+        """Final text pieces; raises TimeoutError past the deadline, APIError if the backend failed.
+
+        whole: the caller only wants the finished text. Unless a stop string or the suffix could
+        end the completion early (which needs each step's tokens, to free the slot at once),
+        the tokens are then taken in one go when the request finishes."""
+        fetch = self.gen.next_tokens
+        if whole and not self.assembler.can_stop:
+            fetch = self.gen.final_tokens
         while True:
             if time.monotonic() >= self.deadline:
                 raise TimeoutError
             # a timer, not wait_for's extra task: this runs once per batch of tokens
             async with asyncio.timeout(self.deadline - time.monotonic()):
-                tokens = await self.gen.next_tokens()
+                tokens = await fetch()
             if tokens is None:
                 break
             self.completion_tokens += len(tokens)
@@ -1149,7 +1183,7 @@ class CompletionService:
 
     @staticmethod
     async def _collect(session: Session) -> str:
-        parts = [d async for d in session.deltas()]
+        parts = [d async for d in session.deltas(whole=True)]
         return "".join(parts)
 
 
@@ -1221,20 +1255,20 @@ class RequestContextMiddleware:
             status = status_box["status"]
             elapsed = time.perf_counter() - t0
             st = scope["state"]
-            state.metrics.requests.labels(status=str(status), endpoint=endpoint).inc()
-            state.metrics.duration.labels(endpoint=endpoint).observe(elapsed)
+            state.metrics.observe_request(status, endpoint, elapsed)
             if endpoint in ("/complete", "/v1/completions"):
                 s = state.stats
                 s.requests += 1
                 s.errors += status >= 400
                 s.by_status[str(status)] = s.by_status.get(str(status), 0) + 1
                 s.latency_sum_s += elapsed
-            extra = {"method": scope.get("method"), "path": path, "status": status,
-                     "latency_ms": round(elapsed * 1000, 2)}
-            for k in ("prompt_tokens", "completion_tokens", "cached", "finish_reason"):
-                if k in st:
-                    extra[k] = st[k]
-            access_log.info("request", extra=extra)
+            if access_log.isEnabledFor(logging.INFO):  # LOG_LEVEL=warning: not even the fields
+                extra = {"method": scope.get("method"), "path": path, "status": status,
+                         "latency_ms": round(elapsed * 1000, 2)}
+                for k in ("prompt_tokens", "completion_tokens", "cached", "finish_reason"):
+                    if k in st:
+                        extra[k] = st[k]
+                access_log.info("request", extra=extra)
             request_id_var.reset(token)
 
     async def _read_body(self, scope: dict, receive: Callable, headers: dict[str, str],
@@ -1595,5 +1629,9 @@ async def _load(app: FastAPI, state: ServingState) -> None:
             state.server.should_exit = True
         return
     state.loaded = True
+    # Everything built so far (app, routes, schemas, tokenizer) lives as long as the process:
+    # out of the collector's sight, so the collections that requests trigger stay small.
+    gc.collect()
+    gc.freeze()
     log.info("model loaded and warmed", extra={"model": state.backend.model_name, "device": state.backend.device,
                                                "load_s": round(time.perf_counter() - t0, 3)})
