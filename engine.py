@@ -329,8 +329,7 @@ class Engine:
             for lb in self.len_buckets:
                 for b in self.batch_buckets:
                     for greedy in (True, False):
-                        if (b, lb, greedy) not in self._graphs:
-                            self._graphs[b, lb, greedy] = self._capture(b, lb, greedy)
+                        self._graph(b, lb, greedy)
                 if lb >= length:
                     break
         self.generate([0] * min(8, self.max_seq_len - 1), SamplingParams(max_tokens=2))
@@ -594,12 +593,16 @@ class Engine:
     def _run_decode(self, B: int, length: int, greedy: bool) -> torch.Tensor:
         if not self.cuda_graphs:
             return self._decode(B, length, greedy)
+        graph, out = self._graph(B, length, greedy)
+        graph.replay()
+        return out
+
+    def _graph(self, B: int, length: int, greedy: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The CUDA graph of this bucket's step and its output, captured on first use."""
         key = (B, length, greedy)
         if key not in self._graphs:
             self._graphs[key] = self._capture(B, length, greedy)
-        graph, out = self._graphs[key]
-        graph.replay()
-        return out
+        return self._graphs[key]
 
     def _capture(self, B: int, length: int, greedy: bool):
         # Warm up on a side stream (compilation, cuBLAS handles, allocations), then record the
@@ -627,9 +630,11 @@ class Engine:
 def _decode_and_pick(model: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
                      length: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """model.decode_step plus the greedy pick, so the argmax over the vocabulary is compiled
-    into the same graph. Returns float logits (B, vocab_size), their argmax (B,), new K/V."""
+    into the same graph. Returns the logits over the tokenizer's ids (B, vocab_size) in the
+    model's dtype (sample_tokens casts them; no float copy is written for greedy steps), their
+    argmax (B,) and the new K/V."""
     logits, new_kv = model.decode_step(tokens, pos, cache, length)
-    logits = logits[:, :vocab_size].float()
+    logits = logits[:, :vocab_size]
     return logits, logits.argmax(dim=-1), new_kv
 
 

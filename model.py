@@ -61,17 +61,13 @@ class CausalSelfAttention(nn.Module):
             # attn_mask: (B, 1, T, L) bool from GPT.forward, shared by every layer.
             cache_k, cache_v = cache
             L = kv_len or cache_k.size(2)
-            if cache_rows is None:  # slots 0..B-1: one scatter along time, views without copies
-                index = (input_pos[:, None] + torch.arange(T, device=x.device))  # (B, T)
-                index = index[:, None, :, None].expand(B, self.n_head, T, C // self.n_head)
-                cache_k[:B].scatter_(2, index, k.to(cache_k.dtype))
-                cache_v[:B].scatter_(2, index, v.to(cache_v.dtype))
-                keys, values = cache_k[:B, :, :L], cache_v[:B, :, :L]
-            else:  # prefill into chosen slots; gathered after the write
-                query_pos = input_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
-                cache_k[cache_rows[:, None], :, query_pos] = k.transpose(1, 2).to(cache_k.dtype)
-                cache_v[cache_rows[:, None], :, query_pos] = v.transpose(1, 2).to(cache_v.dtype)
-                keys, values = cache_k[cache_rows, :, :L], cache_v[cache_rows, :, :L]
+            if cache_rows is None:
+                cache_rows = torch.arange(B, device=x.device)
+            # write this chunk at its positions in its slots, then gather the slots to attend over
+            query_pos = input_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            cache_k[cache_rows[:, None], :, query_pos] = k.transpose(1, 2).to(cache_k.dtype)
+            cache_v[cache_rows[:, None], :, query_pos] = v.transpose(1, 2).to(cache_v.dtype)
+            keys, values = cache_k[cache_rows, :, :L], cache_v[cache_rows, :, :L]
             y = F.scaled_dot_product_attention(
                 q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
