@@ -20,12 +20,18 @@ setup: $(BIN)/python ## runtime dependencies (CPU torch pinned)
 setup-dev: $(BIN)/python system-deps
 	$(BIN)/pip install -q -r requirements-dev.txt
 
-# redis-server for the response-cache test; installed only where we are root with apt.
+# System programs the tests use for real: redis-server (response cache), buildah/podman/
+# debootstrap (container build without a Docker engine), prometheus + promtool (monitoring).
+# Installed only where we are root with apt; the tests fail without them under `make test`.
+SYSTEM_PKGS := redis-server buildah podman debootstrap prometheus
+SYSTEM_BINS := redis-server buildah podman debootstrap prometheus promtool
 system-deps:
-	@if ! command -v redis-server >/dev/null 2>&1; then \
+	@missing=0; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null 2>&1 || missing=1; done; \
+	if [ $$missing = 1 ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null) || echo "warning: could not install redis-server"; \
-	  else echo "note: redis-server not found; install it for the Redis cache test"; fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      $(SYSTEM_PKGS) >/dev/null) || echo "warning: could not install $(SYSTEM_PKGS)"; \
+	  else echo "note: install $(SYSTEM_PKGS) for the container, monitoring and Redis tests"; fi; \
 	fi
 
 demo: setup
@@ -44,7 +50,7 @@ serve: setup
 	MODEL_PATH=$${MODEL_PATH:-$(QUANT)} PORT=$(PORT) $(BIN)/python serve_api.py
 
 test: setup-dev
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	CODE_ASSISTANT_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Skips the slow end-to-end suites (server load, schemathesis, DDP, stdlib round trip).
 test-fast: setup-dev

@@ -83,28 +83,36 @@ def memory_used_bytes(engine: Any) -> int:
 
 
 def install_test_hooks(engine: Any, fault_inject: str, step_delay_ms: float) -> None:
-    """FOR TESTS ONLY (CODE_ASSISTANT_FAULT_INJECT, CODE_ASSISTANT_TEST_STEP_DELAY_MS): wrap the
-    engine's step to raise (once, or always, which the engine cannot recover from) or to run
-    slowly, so tests can exercise failure, cancellation and drain paths on a real process."""
+    """FOR TESTS ONLY (CODE_ASSISTANT_FAULT_INJECT, CODE_ASSISTANT_TEST_STEP_DELAY_MS): make the
+    engine's prefill raise (once, or always, which the engine cannot recover from) or its step
+    run slowly, so tests can exercise failure, cancellation and drain paths on a real process."""
     mode = fault_inject if fault_inject != "off" else ""
     delay = step_delay_ms / 1000.0
     if not mode and not delay:
         return
     log.warning("TEST HOOKS ACTIVE: not for production", extra={"fault_inject": mode or None,
                                                                  "step_delay_ms": step_delay_ms})
-    real_step = engine._step
+    real_step, real_prefill = engine._step, engine._prefill
     fired = False
 
     def step() -> None:
+        time.sleep(delay)
+        real_step()
+
+    def prefill() -> None:
+        # Raised before the prefill emits anything: the admitted requests sit in their slots and
+        # fail with the step. Raising after it would race a sampled end-of-text, which finishes a
+        # request (200) inside the very step that was meant to fail it.
         nonlocal fired
-        if delay:
-            time.sleep(delay)
-        real_step()  # first, so the requests it admitted are in slots and fail with the step
         if mode == "always" or (mode == "once" and not fired):
             fired = True
             raise RuntimeError("injected fault (CODE_ASSISTANT_FAULT_INJECT)")
+        real_prefill()
 
-    engine._step = step
+    if delay:
+        engine._step = step
+    if mode:
+        engine._prefill = prefill
 
 
 def readable_poller(conn: Connection) -> select.poll:

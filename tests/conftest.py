@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
 import sysconfig
 from pathlib import Path
@@ -25,6 +27,20 @@ if str(ROOT) not in sys.path:
 STDLIB_FILES = ("textwrap.py", "shlex.py", "bisect.py", "heapq.py", "fnmatch.py", "glob.py",
                 "colorsys.py", "keyword.py", "linecache.py", "queue.py", "sched.py", "stat.py",
                 "string.py", "token.py", "tokenize.py", "copy.py", "abc.py", "this.py")
+
+
+def require_tool(name: str, apt_package: str) -> str:
+    """Path of a system program a test needs (promtool, buildah, ...).
+
+    `make test` installs these (its system-deps step) and sets CODE_ASSISTANT_REQUIRE_TOOLS=1,
+    so there a missing program fails the test; run by hand without it, the test is skipped."""
+    found = shutil.which(name)
+    if found:
+        return found
+    hint = f"{name} not found: `make system-deps` (or apt-get install -y {apt_package})"
+    if os.environ.get("CODE_ASSISTANT_REQUIRE_TOOLS") == "1":
+        pytest.fail(hint)
+    pytest.skip(hint)
 
 
 def stdlib_texts() -> list[str]:
