@@ -141,7 +141,14 @@ def test_cli_sweep(server_url: str, val_files: Path, tmp_path: Path, stream: boo
                 "--requests", "6", "--max-tokens", str(MAX_TOKENS), "--prompts-from",
                 str(val_files), "--prompt-tokens", "32", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    check_output(out, "sweep", stream, [1, 4])
+    data = check_output(out, "sweep", stream, [1, 4])
+    # the next step of the pipeline reads this very file: cost from the measured capacity
+    cost = subprocess.run([sys.executable, "cost_calculator.py", f"--bench={out}", "--gpu=CPU-2core",
+                           "--p95_slo_ms=1e9", f"--out={tmp_path / 'cost.json'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cost.returncode == 0, cost.stderr
+    estimate = json.loads((tmp_path / "cost.json").read_text())["estimates"][0]
+    assert estimate["capacity"]["req_per_s"] == max(row["req_per_s"] for row in data["results"])
 
 
 @pytest.mark.parametrize("stream", [False, True])
