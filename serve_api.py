@@ -33,7 +33,7 @@ from fastapi import FastAPI
 
 from engine_process import load_engine, memory_used_bytes, readable_poller, timings
 from serving import (Backend, BackendUnavailable, GenerationParams, GenerationTimings, Overloaded, Settings,
-                     SettingsError, Tokenizer, create_app, load_settings)
+                     SettingsError, Tokenizer, create_app, load_settings, run_server)
 from tokenizer import build_prompt, load_tokenizer
 
 log = logging.getLogger("code_assistant.engine_backend")
@@ -532,18 +532,7 @@ app = _build_app()
 
 
 def main() -> None:
-    import uvicorn
-
-    state = app.state.serving
-    s = state.settings
-    # Keep-alive longer than a load balancer's usual 60 s idle timeout: with uvicorn's 5 s default
-    # the server may close a pooled connection just as a client sends on it (a dropped request).
-    config = uvicorn.Config(app, host=s.host, port=s.port, log_config=None, access_log=False,
-                            timeout_keep_alive=75,
-                            timeout_graceful_shutdown=max(5, int(s.drain_timeout_s)), lifespan="on")
-    uvicorn.Server(config).run()
-    if state.load_failed:
-        sys.exit(1)
+    run_server(app)
 
 
 if __name__ == "__main__":

@@ -133,19 +133,21 @@ class Settings(BaseSettings):
         return [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
 
 
-def _env_name(field_name: str) -> str:
-    info = Settings.model_fields.get(field_name)
+def _env_name(field_name: str, settings_cls: type[Settings] = Settings) -> str:
+    info = settings_cls.model_fields.get(field_name)
     alias = info.validation_alias if info is not None else None
     return alias if isinstance(alias, str) else field_name.upper()
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Settings from the environment; SettingsError with a one-line message naming the variable."""
+def load_settings(settings_cls: type[Settings] = Settings, /, **overrides: Any) -> Settings:
+    """Settings from the environment; SettingsError with a one-line message naming the variable.
+
+    settings_cls: Settings or a subclass with a backend's own knobs (serve_vllm.VLLMSettings)."""
     try:
-        settings = Settings(**overrides)
+        settings = settings_cls(**overrides)
     except ValidationError as e:
         err = e.errors(include_url=False, include_input=False)[0]  # values may be secrets: never echoed
-        name = _env_name(str(err["loc"][0])) if err["loc"] else "settings"
+        name = _env_name(str(err["loc"][0]), settings_cls) if err["loc"] else "settings"
         raise SettingsError(f"invalid environment variable {name}: {err['msg']}") from None
     try:
         settings.api_key_hashes()
@@ -820,6 +822,19 @@ class Metrics:
         self.kv_usage = Gauge("code_completion_kv_cache_usage_ratio", "fraction of the KV cache in use", registry=r)
         self.gpu_memory = Gauge("gpu_memory_used_bytes", "accelerator memory allocated by the model", registry=r)
         self.model_loaded = Gauge("model_loaded", "1 once the model is loaded and warmed", registry=r)
+        # model_loaded stays 1 when the engine dies later; this one follows /ready itself
+        self.ready = Gauge("code_completion_ready", "1 while /ready answers 200: loaded, healthy, not draining",
+                           registry=r)
+        self.max_in_flight = Gauge("code_completion_max_in_flight_requests",
+                                   "requests admitted at once before 429 server_overloaded", registry=r)
+        # a per-key rate limit and a full server both answer 429: the reason tells them apart
+        self.rejections = Counter("code_completion_rejections", "429 answers by reason", ["reason"], registry=r)
+        # a stream answered 200 before it failed: its error never shows in the status counts
+        self.stream_errors = Counter("code_completion_stream_errors",
+                                     "streams that ended in an error event after their 200 headers",
+                                     ["code"], registry=r)
+        for reason in ("rate_limit_exceeded", "server_overloaded", "queue_full"):
+            self.rejections.labels(reason=reason)  # exported at 0 from the start, so rate() sees the first one
         # labelled children, looked up once per label set: labels() costs more than the
         # observation itself, and runs twice per request
         self._requests_by: dict[tuple[int, str], Any] = {}
@@ -853,6 +868,8 @@ class Metrics:
         self.kv_usage.set_function(safe(lambda: backend.kv_cache_usage))
         self.gpu_memory.set_function(safe(backend.memory_used_bytes))
         self.model_loaded.set_function(lambda: 1.0 if state.loaded and not state.load_failed else 0.0)
+        self.ready.set_function(safe(lambda: 1.0 if state.ready else 0.0))
+        self.max_in_flight.set(state.max_in_flight)
 
 
 # =============================================================================
@@ -947,8 +964,10 @@ async def require_key(request: Request,
 
 
 async def rate_limited(request: Request, principal: Annotated[str, Depends(require_key)]) -> str:
-    wait = get_state(request).limiter.acquire(principal)
+    state = get_state(request)
+    wait = state.limiter.acquire(principal)
     if wait > 0:
+        state.metrics.rejections.labels(reason="rate_limit_exceeded").inc()
         raise APIError(429, "rate limit exceeded for this key", "rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": str(max(1, math.ceil(wait)))})
     return principal
@@ -1108,6 +1127,7 @@ class CompletionService:
         st = self.state
         self._check_available()
         if st.in_flight >= st.max_in_flight:
+            st.metrics.rejections.labels(reason="server_overloaded").inc()
             raise APIError(429, "the server is at capacity, retry shortly", "rate_limit_error",
                            code="server_overloaded", headers={"Retry-After": "1"})
         st.in_flight += 1
@@ -1134,6 +1154,7 @@ class CompletionService:
             try:
                 gen = st.backend.submit(ids, params)
             except Overloaded:
+                st.metrics.rejections.labels(reason="queue_full").inc()
                 raise APIError(429, "the request queue is full, retry shortly", "rate_limit_error",
                                code="queue_full", headers={"Retry-After": "1"}) from None
             except BackendUnavailable:
@@ -1586,8 +1607,10 @@ def create_app(backend_factory: BackendFactory, settings: Settings | None = None
                                                          "completion_tokens": session.completion_tokens,
                                                          "total_tokens": session.prompt_tokens + session.completion_tokens}})
             except TimeoutError:
+                st.metrics.stream_errors.labels(code="timeout").inc()
                 yield _sse(error_body(504, "the request timed out", "timeout_error", code="timeout"))
             except APIError as e:
+                st.metrics.stream_errors.labels(code=str(e.status)).inc()
                 body_ = _internal_error(rid) if e.status >= 500 and e.status != 503 else \
                     error_body(e.status, e.message, e.type, e.param, e.code)
                 yield _sse(body_)
@@ -1616,6 +1639,22 @@ def create_app(backend_factory: BackendFactory, settings: Settings | None = None
 
     app.openapi = custom_openapi  # type: ignore[method-assign]
     return app
+
+
+def run_server(app: FastAPI) -> None:
+    """Serve `app` with uvicorn on HOST:PORT (what `python serve_*.py` does); exit 1 if loading failed."""
+    import uvicorn
+
+    state = app.state.serving
+    s = state.settings
+    # Keep-alive longer than a load balancer's usual 60 s idle timeout: with uvicorn's 5 s default
+    # the server may close a pooled connection just as a client sends on it (a dropped request).
+    config = uvicorn.Config(app, host=s.host, port=s.port, log_config=None, access_log=False,
+                            timeout_keep_alive=75,
+                            timeout_graceful_shutdown=max(5, int(s.drain_timeout_s)), lifespan="on")
+    uvicorn.Server(config).run()
+    if state.load_failed:
+        sys.exit(1)
 
 
 async def _load(app: FastAPI, state: ServingState) -> None:

