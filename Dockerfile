@@ -37,11 +37,12 @@ ARG PIP_CERT
 ARG PIP_DEFAULT_TIMEOUT=60
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Only the requirements first, so a code change does not reinstall torch.
-COPY requirements.txt /tmp/requirements.txt
+# Only the requirements first, so a code change does not reinstall torch. The serving set only:
+# no tokenizer training, de-duplication or plotting libraries in the image.
+COPY requirements-serve.txt /tmp/requirements-serve.txt
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir \
-      ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements.txt \
+      ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-serve.txt \
  && /opt/venv/bin/python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 # ---- runtime: only /opt/venv crosses over (no pip settings, mounts or requirements file) -------

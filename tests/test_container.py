@@ -97,7 +97,7 @@ def test_image_gets_every_module_serving_imports() -> None:
     copied = set()
     for sources in re.findall(r"^COPY (?!--from)(.+?)\s\S+$", dockerfile, flags=re.M):
         copied |= set(sources.split())
-    assert copied == SERVING_FILES | {"requirements.txt"}
+    assert copied == SERVING_FILES | {"requirements-serve.txt"}
     allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
     assert allowed == copied
 
@@ -182,14 +182,16 @@ def test_image_config(container: str) -> None:
 
 # Run inside the image as its user: what it holds and what that user may do.
 PROBE = """
-import json, os, torch
+import importlib.util, json, os, torch
 print(json.dumps({
+    "training_only": [m for m in ("matplotlib", "datasketch", "tokenizers", "tqdm", "scipy")
+                      if importlib.util.find_spec(m) is not None],
     "uid": os.getuid(), "gid": os.getgid(), "app": sorted(os.listdir("/app")),
     "cuda": torch.version.cuda, "torch": torch.__version__,
     "app_writable": os.access("/app", os.W_OK), "venv_writable": os.access("/opt/venv", os.W_OK),
     "tmp_writable": os.access("/tmp", os.W_OK),
     "leftovers": [p for p in ("/app/tests", "/app/.venv", "/app/data", "/app/bench", "/app/.git",
-                              "/tmp/requirements.txt", "/root/.cache/pip") if os.path.exists(p)],
+                              "/tmp/requirements-serve.txt", "/root/.cache/pip") if os.path.exists(p)],
 }))
 """
 
@@ -202,6 +204,7 @@ def test_image_contents(container: str) -> None:
     assert (probe["uid"], probe["gid"]) == (UID, UID)
     assert set(probe["app"]) - {"__pycache__"} == SERVING_FILES  # no tests/, .venv, data, out-*
     assert probe["leftovers"] == []
+    assert probe["training_only"] == []  # requirements-serve.txt only: no plotting or training libraries
     assert probe["cuda"] is None and probe["torch"].startswith("2.13.0"), probe["torch"]  # the CPU build
     assert not probe["app_writable"] and not probe["venv_writable"] and probe["tmp_writable"]
 
