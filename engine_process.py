@@ -8,12 +8,23 @@ socket pairs, one each way. torch is imported only here: the HTTP process keeps 
     child -> parent   ("ready", info) or ("load_failed", message) once, then one message per
                       engine step: ("step", [(rid, [token ids])], [(rid, reason, timings)], stats)
 
+Several HTTP workers (HTTP_WORKERS > 1, `--listen PATH`): the two inherited sockets are the
+supervisor's control channel (config in, "ready" out; its closing, or the supervisor dying,
+stops the engine), and each worker connects to the Unix socket PATH in the supervisor's
+private 0700 directory and hands over its two socket pairs' far ends (SCM_RIGHTS). Each
+connection then speaks the protocol above: request ids are per connection, a step's tokens
+and finishes go to the connection that owns them, stats (running, waiting, KV usage, healthy,
+memory) go to every connection. A connection that closes (its worker stopped or crashed) has
+its requests cancelled; the engine serves the others on.
+
 The child runs the scheduler inline (no thread): between steps it reads every pending
 command, then steps, then sends what the step produced. It ignores SIGINT and SIGTERM (the
-HTTP process drains first, then closes the command socket) and exits when its command socket closes, so it
-never outlives the server. `load_engine` and `install_test_hooks` are shared with the thread mode.
+HTTP processes drain first, then the owner closes its socket) and exits when that socket
+closes, so it never outlives the server. `load_engine` and `install_test_hooks` are shared
+with the thread mode.
 
-Not run by hand; `python engine_process.py --fd-in N --fd-out M` is how serve_api.py starts it.
+Not run by hand; `python engine_process.py --fd-in N --fd-out M [--listen PATH]` is how
+serve_api.py starts it.
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ import os
 import pickle
 import select
 import signal
+import socket
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -34,7 +46,8 @@ from typing import Any
 log = logging.getLogger("code_assistant.engine_process")
 
 # Messages are pickled: both ends are this program, over an anonymous socketpair inherited by
-# the child (no address anyone else can connect to), so nothing untrusted is ever unpickled.
+# the child, or (HTTP_WORKERS > 1) handed over a Unix socket in a directory only our user can
+# enter, so nothing untrusted is ever unpickled.
 PICKLE = pickle.HIGHEST_PROTOCOL
 
 
@@ -136,38 +149,128 @@ def timings(r: Any) -> tuple[float | None, float | None, float | None]:
     return queue, ttft, tpot
 
 
-class _Worker:
-    """The child's side: engine requests keyed by the parent's request ids, outputs per step."""
+class _Client:
+    """One HTTP process's connection: request ids are its own, and so are the outputs for them."""
 
-    def __init__(self, inbox: Connection, outbox: Connection, engine: Any) -> None:
-        from engine import EngineDead, QueueFull, SamplingParams
+    __slots__ = ("inbox", "outbox", "owner", "requests", "tokens", "finished", "last_stats")
 
+    def __init__(self, inbox: Connection, outbox: Connection, owner: bool) -> None:
         self.inbox = inbox
         self.outbox = outbox
-        self.engine = engine
-        self._params = SamplingParams
-        self._rejected = (EngineDead, QueueFull, ValueError)
-        self.requests: dict[int, Any] = {}
+        self.owner = owner  # the one parent of a single-worker server: its going away stops the engine
+        self.requests: dict[int, Any] = {}  # engine Requests by this client's request id
         self.tokens: dict[int, list[int]] = {}  # this step's new tokens per request id
         self.finished: list[tuple] = []
-        self._last_stats: tuple | None = None
-        self._poller = readable_poller(inbox)
+        self.last_stats: tuple | None = None
+
+
+class _Stop(Exception):
+    """The owner of the engine closed its socket: nothing left to serve."""
+
+
+class _Worker:
+    """The child's side: engine requests keyed by (connection, request id), outputs per step to
+    the connection that owns them, stats to every connection."""
+
+    def __init__(self, engine: Any, info: dict[str, Any]) -> None:
+        from engine import EngineDead, QueueFull, SamplingParams
+
+        self.engine = engine
+        self.info = info
+        self._params = SamplingParams
+        self._rejected = (EngineDead, QueueFull, ValueError)
+        self.clients: dict[int, _Client] = {}  # by the fd of their inbox
+        self._control: Connection | None = None
+        self._listener: socket.socket | None = None
+        self._poller = select.poll()
         engine.on_step_end = self.flush
 
-    def handle(self, commands: list[tuple]) -> None:
+    def add_client(self, inbox: Connection, outbox: Connection, owner: bool = False) -> _Client:
+        c = _Client(inbox, outbox, owner)
+        self.clients[inbox.fileno()] = c
+        self._poller.register(inbox.fileno(), select.POLLIN)
+        return c
+
+    def listen(self, control: Connection, listener: socket.socket) -> None:
+        """Several HTTP processes: each connects to `listener`; `control` closing stops the engine."""
+        self._control, self._listener = control, listener
+        self._poller.register(control.fileno(), select.POLLIN)
+        self._poller.register(listener.fileno(), select.POLLIN)
+
+    def _accept(self) -> None:
+        """A new HTTP process: it sends the engine's ends of its two socket pairs (SCM_RIGHTS)."""
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        fds: list[int] = []
+        try:
+            with conn:
+                conn.settimeout(5.0)  # a connector that sends nothing must not stall the engine for long
+                _, fds, _, _ = socket.recv_fds(conn, 16, 2)
+        except OSError:
+            pass
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            log.warning("engine socket: a connection without its two sockets was dropped")
+            return
+        c = self.add_client(Connection(fds[0], writable=False), Connection(fds[1], readable=False))
+        try:
+            c.outbox.send_bytes(pickle.dumps(("ready", self.info), PICKLE))
+        except OSError:
+            self.drop(c)
+            return
+        log.info("HTTP worker connected", extra={"connections": len(self.clients)})
+
+    def drop(self, c: _Client) -> None:
+        """A connection went away (its HTTP process stopped or crashed): cancel what it asked for."""
+        if self.clients.pop(c.inbox.fileno(), None) is None:
+            return
+        if c.owner:
+            raise _Stop
+        self._poller.unregister(c.inbox.fileno())
+        for r in list(c.requests.values()):
+            r.cancel()
+        n = len(c.requests)
+        c.inbox.close()
+        c.outbox.close()
+        log.info("HTTP worker disconnected", extra={"cancelled": n, "connections": len(self.clients)})
+
+    def _on_readable(self, fd: int) -> None:
+        if self._control is not None and fd == self._control.fileno():
+            try:
+                self._control.recv_bytes()  # nothing is sent on it: only its end matters
+            except (EOFError, OSError):
+                raise _Stop from None
+            return
+        if self._listener is not None and fd == self._listener.fileno():
+            self._accept()
+            return
+        c = self.clients.get(fd)
+        if c is None:
+            return
+        try:
+            commands = pickle.loads(c.inbox.recv_bytes())
+        except (EOFError, OSError):
+            self.drop(c)
+            return
+        self.handle(c, commands)
+
+    def handle(self, c: _Client, commands: list[tuple]) -> None:
         for cmd in commands:
             if cmd[0] == "submit":
-                self.submit(cmd[1], cmd[2], cmd[3])
+                self.submit(c, cmd[1], cmd[2], cmd[3])
             elif cmd[0] == "cancel":
-                r = self.requests.get(cmd[1])
+                r = c.requests.get(cmd[1])
                 if r is not None:
                     r.cancel()
 
-    def submit(self, rid: int, prompt: list[int], params: tuple) -> None:
+    def submit(self, c: _Client, rid: int, prompt: list[int], params: tuple) -> None:
         max_tokens, temperature, top_k, top_p, seed, stop_ids = params
         sp = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, stop_token_ids=tuple(stop_ids))
-        tokens = self.tokens
+        tokens, requests = c.tokens, c.requests
 
         def on_token(token: int) -> None:
             got = tokens.get(rid)
@@ -177,14 +280,14 @@ class _Worker:
                 got.append(token)
 
         def on_finish(r: Any) -> None:
-            self.requests.pop(rid, None)
-            self.finished.append((rid, r.finish_reason, timings(r)))
+            requests.pop(rid, None)
+            c.finished.append((rid, r.finish_reason, timings(r)))
 
         try:
-            self.requests[rid] = self.engine.submit(prompt, sp, on_token=on_token, on_finish=on_finish)
+            requests[rid] = self.engine.submit(prompt, sp, on_token=on_token, on_finish=on_finish)
         except self._rejected as e:
             # the parent checks prompts and the queue bound itself: this is a dead engine
-            self.finished.append((rid, "error", (None, None, None)))
+            c.finished.append((rid, "error", (None, None, None)))
             log.warning("request rejected by the engine: %s", type(e).__name__)
 
     def stats(self) -> tuple:
@@ -193,23 +296,31 @@ class _Worker:
                 memory_used_bytes(e))
 
     def flush(self) -> None:
-        """One message with everything since the last one (runs after every engine step)."""
+        """One message per connection with everything since its last one (runs after every engine step)."""
         stats = self.stats()
-        if not self.tokens and not self.finished and stats == self._last_stats:
-            return
-        msg = ("step", list(self.tokens.items()), self.finished, stats)
-        self.tokens.clear()  # cleared, not replaced: the requests' on_token closures hold it
-        self.finished = []
-        self._last_stats = stats
-        self.outbox.send_bytes(pickle.dumps(msg, PICKLE))
+        for c in list(self.clients.values()):
+            if not c.tokens and not c.finished and stats == c.last_stats:
+                continue
+            msg = ("step", list(c.tokens.items()), c.finished, stats)
+            c.tokens.clear()  # cleared, not replaced: the requests' on_token closures hold it
+            c.finished = []
+            c.last_stats = stats
+            try:
+                c.outbox.send_bytes(pickle.dumps(msg, PICKLE))
+            except OSError:  # BrokenPipeError, ConnectionResetError: that HTTP process is gone
+                self.drop(c)
 
     def run(self) -> None:
-        inbox, engine = self.inbox, self.engine
+        engine, poller = self.engine, self._poller
         while True:
             # block while idle; between steps only take what has already arrived
             timeout = 0 if engine.has_work() else None
-            while self._poller.poll(timeout):
-                self.handle(pickle.loads(inbox.recv_bytes()))  # EOFError once the server is gone
+            while True:
+                events = poller.poll(timeout)
+                if not events:
+                    break
+                for fd, _ in events:
+                    self._on_readable(fd)
                 timeout = 0
             if engine.has_work():
                 engine.step()  # on_step_end sends its outputs
@@ -217,8 +328,18 @@ class _Worker:
                 self.flush()  # rejected submits; stats once the engine goes idle
 
 
-def serve(inbox: Connection, outbox: Connection) -> int:
-    """The child's main: load, report, then serve commands until the server closes the inbox."""
+def _listener(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(64)
+    return sock
+
+
+def serve(inbox: Connection, outbox: Connection, listen: str | None = None) -> int:
+    """The child's main: load, report, then serve commands until the server closes the inbox.
+
+    listen: a Unix socket path (in the supervisor's private directory) on which every HTTP
+    worker connects; inbox/outbox are then the supervisor's control channel."""
     # The HTTP process owns shutdown: a signal to the whole process group must not kill the
     # engine under requests that are still draining.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -232,14 +353,21 @@ def serve(inbox: Connection, outbox: Connection) -> int:
     cfg = {**cfg, "max_queue": cfg["max_queue"] + cfg["max_batch"]}
     try:
         engine, _, info = load_engine(cfg)
+        listener = _listener(listen) if listen else None
     except Exception as e:  # reported by the parent in one line, as in the thread mode
         outbox.send_bytes(pickle.dumps(("load_failed", f"{type(e).__name__}: {e}"), PICKLE))
         return 1
-    log.info("engine process started", extra={"pid": os.getpid(), **info})
+    info["pid"] = os.getpid()
+    log.info("engine process started", extra=info)
+    worker = _Worker(engine, info)
+    if listener is not None:
+        worker.listen(inbox, listener)
+    else:
+        worker.add_client(inbox, outbox, owner=True)
     outbox.send_bytes(pickle.dumps(("ready", info), PICKLE))
     try:
-        _Worker(inbox, outbox, engine).run()
-    except (EOFError, BrokenPipeError, ConnectionResetError):
+        worker.run()
+    except (_Stop, EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the server stopped us, or went away: nothing left to serve
     return 0
 
@@ -248,8 +376,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="the engine process serve_api.py starts (not run by hand)")
     p.add_argument("--fd-in", type=int, required=True, help="inherited socket: commands from the server")
     p.add_argument("--fd-out", type=int, required=True, help="inherited socket: outputs to the server")
+    p.add_argument("--listen", default=None,
+                   help="Unix socket path HTTP workers connect to (HTTP_WORKERS > 1); fd-in/out: the supervisor")
     args = p.parse_args(argv)
-    sys.exit(serve(Connection(args.fd_in, writable=False), Connection(args.fd_out, readable=False)))
+    sys.exit(serve(Connection(args.fd_in, writable=False), Connection(args.fd_out, readable=False), args.listen))
 
 
 if __name__ == "__main__":

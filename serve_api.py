@@ -12,28 +12,54 @@ Two ways to run the engine (ENGINE_PROCESS):
                  one message per engine step each way. The HTTP process never imports torch
                  and cannot starve the engine of the GIL (issue #5).
     0            EngineBackend: the engine runs on a thread of this process.
+
+Several HTTP processes in front of one engine (HTTP_WORKERS=N > 1, ENGINE_PROCESS=1 only),
+for when one process's ~1 ms of HTTP work per request is the limit, not the engine:
+
+    MODEL_PATH=out-code-assistant HTTP_WORKERS=4 python serve_api.py
+
+    supervisor (this file's main: Supervisor)    private 0700 temp dir: engine.sock, metrics/
+      |- engine process (engine_process.py --listen engine.sock): started first; the workers
+      |    start once it has loaded (a load failure: exit 1 with the reason, as with one process)
+      |- worker 1..N: `python serve_api.py` again, each accepting on the one listening socket
+           (inherited: CODE_ASSISTANT_LISTEN_FD), connected to the engine over engine.sock
+           (CODE_ASSISTANT_ENGINE_SOCKET), metrics in PROMETHEUS_MULTIPROC_DIR
+
+Per worker: MAX_CONCURRENT_SEQUENCES + MAX_QUEUE and RATE_LIMIT_PER_MINUTE are split evenly
+(ceil(total / N): 429s come at about the same totals, exactly only if clients spread evenly),
+the in-process response cache (REDIS_URL shares one), /stats request counts (it names the
+worker_pid). Global: the engine's running / waiting / KV usage, and /metrics from any worker
+(multiprocess mode: counters summed over workers; see serving.Metrics). A worker that dies is
+restarted and its requests are cancelled in the engine; SIGTERM or SIGINT to the supervisor
+drains every worker (/ready 503, in-flight requests finish within DRAIN_TIMEOUT_S), then
+stops the engine and exits 0. Under `uvicorn serve_api:app` HTTP_WORKERS must be 1 (exit 2).
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import os
 import pickle
+import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections import deque
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI
 
 from engine_process import load_engine, memory_used_bytes, readable_poller, timings
 from serving import (Backend, BackendUnavailable, GenerationParams, GenerationTimings, Overloaded, Settings,
-                     SettingsError, Tokenizer, create_app, load_settings, run_server)
+                     SettingsError, Tokenizer, TokenStream, create_app, load_settings, per_worker, run_server)
 from tokenizer import build_prompt, load_tokenizer
 
 log = logging.getLogger("code_assistant.engine_backend")
@@ -219,51 +245,21 @@ def _wake_all(generations: list[EngineGeneration]) -> None:
         g.wake()
 
 
-class ProcessGeneration:
+class ProcessGeneration(TokenStream):
     """A request running in the engine process, seen from the event loop (which alone touches it)."""
 
-    __slots__ = ("_backend", "rid", "_tokens", "_event", "_finished", "_cancelled", "finish_reason", "_timings",
-                 "_wake_on_tokens")
+    __slots__ = ("_backend", "rid", "_cancelled", "_timings")
 
     def __init__(self, backend: "EngineProcessBackend", rid: int) -> None:
+        super().__init__()
         self._backend = backend
         self.rid = rid
-        self._tokens: list[int] = []
-        self._event = asyncio.Event()
-        self._finished = False
         self._cancelled = False
-        self.finish_reason: str | None = None
         self._timings = GenerationTimings()
-        self._wake_on_tokens = True  # False while final_tokens waits: only the finish wakes it
-
-    def push(self, tokens: list[int]) -> None:
-        self._tokens.extend(tokens)
-        if self._wake_on_tokens:
-            self._event.set()
 
     def finish(self, reason: str, timings: GenerationTimings) -> None:
-        self.finish_reason = reason
         self._timings = timings
-        self._finished = True
-        self._event.set()
-
-    async def next_tokens(self) -> list[int] | None:
-        while True:
-            if self._tokens:
-                tokens, self._tokens = self._tokens, []
-                return tokens
-            if self._finished:
-                return None
-            self._event.clear()
-            await self._event.wait()
-
-    async def final_tokens(self) -> list[int] | None:
-        self._wake_on_tokens = False
-        while not self._finished:
-            self._event.clear()
-            await self._event.wait()
-        tokens, self._tokens = self._tokens, []
-        return tokens or None
+        self.end(reason)
 
     def cancel(self) -> None:
         if not self._finished and not self._cancelled:
@@ -295,8 +291,9 @@ class EngineProcessBackend:
         self._wbuf = bytearray()  # what the engine's socket did not take yet
         self._gens: dict[int, ProcessGeneration] = {}
         self._ids = itertools.count()
-        # the engine never holds more than this: running + its wait queue (the 429 bound)
-        self._capacity = settings.max_concurrent_sequences + settings.max_queue
+        # the engine never holds more than this: running + its wait queue (the 429 bound), or
+        # this worker's share of it when HTTP_WORKERS workers share the engine
+        self._capacity = per_worker(settings.max_concurrent_sequences + settings.max_queue, settings.http_workers)
         self._ops: list[tuple] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
@@ -305,26 +302,43 @@ class EngineProcessBackend:
         self._stats: tuple = (0, 0, 0.0, True, 0)  # running, waiting, kv usage, healthy, memory bytes
         self._dead: str | None = None
         self._stopping = False
+        self.on_stats: Callable[[], None] | None = None  # called when the engine's stats change
+        self._supervisor = os.getppid()  # HTTP_WORKERS > 1: the process that started us and the engine
 
     # ---- load / shutdown (worker threads) ---------------------------------------
     def load(self) -> None:
+        """Start the engine process, or (a worker of several) connect to the supervisor's."""
+        shared = self.settings.engine_socket
+        if self.settings.http_workers > 1 and not shared:
+            raise RuntimeError("HTTP_WORKERS > 1 needs `python serve_api.py`, which starts the shared engine "
+                               "(under `uvicorn serve_api:app` set HTTP_WORKERS=1)")
         to_engine, engine_in = socket.socketpair()
         engine_out, from_engine = socket.socketpair()
-        script = Path(__file__).resolve().with_name("engine_process.py")
         fds = (engine_in.fileno(), engine_out.fileno())
         try:
-            self._proc = subprocess.Popen([sys.executable, str(script), "--fd-in", str(fds[0]),
-                                           "--fd-out", str(fds[1])], pass_fds=fds)
+            if shared:
+                # the engine's ends of both pairs go over its Unix socket (SCM_RIGHTS): from then on
+                # this worker talks to it exactly as to a child of its own
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                    conn.connect(shared)
+                    socket.send_fds(conn, [b"connect"], list(fds))
+            else:
+                script = Path(__file__).resolve().with_name("engine_process.py")
+                self._proc = subprocess.Popen([sys.executable, str(script), "--fd-in", str(fds[0]),
+                                               "--fd-out", str(fds[1])], pass_fds=fds)
         finally:
             engine_in.close()
             engine_out.close()
         self._rconn = Connection(from_engine.detach(), writable=False)
         self._wsock = to_engine
-        to_engine.sendall(_frame(pickle.dumps(_engine_config(self.settings))))
+        if not shared:
+            to_engine.sendall(_frame(pickle.dumps(_engine_config(self.settings))))
         to_engine.setblocking(False)
         try:
             kind, payload = pickle.loads(self._rconn.recv_bytes())
         except (EOFError, OSError):
+            if shared:
+                raise RuntimeError("the shared engine process closed the connection") from None
             code = self._proc.wait()
             raise RuntimeError(f"the engine process exited while loading (exit code {code})") from None
         if kind != "ready":
@@ -332,21 +346,37 @@ class EngineProcessBackend:
             raise RuntimeError(payload)
         self._tokenizer = load_tokenizer(self.settings.model_path)
         self._info = payload
+        if shared:
+            log.info("connected to the shared engine", extra={"engine_pid": payload.get("pid"),
+                                                               "max_in_flight": self._capacity})
+            threading.Thread(target=self._watch_supervisor, name="supervisor-watch", daemon=True).start()
+            return
         log.info("engine started", extra={"mode": "process", "pid": self._proc.pid,
                                           "max_batch": payload["max_batch"], "max_seq_len": payload["max_seq_len"],
                                           "max_queue": self.settings.max_queue,
                                           "kv_cache_bytes": payload["kv_cache_bytes"]})
 
+    def _watch_supervisor(self) -> None:
+        """A worker of several: once the supervisor is gone (killed), so is the engine; stop too,
+        drained as on SIGTERM, instead of holding the port with nothing behind it."""
+        while os.getppid() == self._supervisor and not self._stopping:
+            time.sleep(1.0)
+        if not self._stopping:
+            log.error("the supervisor is gone: stopping this HTTP worker")
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def shutdown(self) -> None:
         """Stop the engine process and wait for it (killed if it hangs): never an orphan."""
         self._stopping = True
-        proc = self._proc
-        if proc is None:
+        if self._wsock is None:
             return
         try:
             self._wsock.shutdown(socket.SHUT_WR)  # the engine reads what was sent, then EOF: it exits
         except OSError:
             pass  # already gone
+        proc = self._proc
+        if proc is None:
+            return  # a worker of several: the shared engine drops this connection and serves on
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -373,9 +403,9 @@ class EngineProcessBackend:
 
     @property
     def healthy(self) -> bool:
-        if self._proc is None or self._stopping:
+        if self._rconn is None or self._stopping:
             return True
-        return self._dead is None and self._stats[3] and self._proc.poll() is None
+        return self._dead is None and self._stats[3] and (self._proc is None or self._proc.poll() is None)
 
     @property
     def num_running(self) -> int:
@@ -397,7 +427,7 @@ class EngineProcessBackend:
         return build_prompt(self._tokenizer, prefix, suffix, max_prompt_tokens)
 
     def submit(self, prompt_ids: list[int], params: GenerationParams) -> ProcessGeneration:
-        if self._proc is None or not self._info:
+        if self._rconn is None or not self._info:
             raise BackendUnavailable("not loaded")
         if not self.healthy:
             raise BackendUnavailable("engine dead")
@@ -491,7 +521,10 @@ class EngineProcessBackend:
             g = gens.pop(rid, None)
             if g is not None:
                 g.finish(reason, GenerationTimings(queue_s, ttft_s, tpot_s))
-        self._stats = stats
+        if stats != self._stats:
+            self._stats = stats
+            if self.on_stats is not None:
+                self.on_stats()
 
     def _on_engine_exit(self) -> None:
         self._loop.remove_reader(self._rconn.fileno())
@@ -501,8 +534,9 @@ class EngineProcessBackend:
         reason = "cancelled" if self._stopping else "error"
         if not self._stopping:
             self._dead = "engine process exited"
-            log.error("the engine process exited unexpectedly", extra={"exit_code": self._proc.poll(),
-                                                                       "in_flight": len(self._gens)})
+            log.error("the engine process exited unexpectedly",
+                      extra={"exit_code": self._proc.poll() if self._proc is not None else None,
+                             "in_flight": len(self._gens)})
         gens, self._gens = self._gens, {}
         for g in gens.values():
             g.finish(reason, g.timings())
@@ -525,14 +559,182 @@ def _build_app() -> FastAPI:
         # an entry point, not library code: one line on stderr and exit code 2, no traceback
         sys.stderr.write(f"code-assistant: {e}\n")
         raise SystemExit(2) from None
-    return create_app(engine_backend, settings)
+    if settings.http_workers > 1 and not settings.engine_socket and __name__ != "__main__":
+        # imported by `uvicorn serve_api:app`: nothing here would start the shared engine
+        sys.stderr.write("code-assistant: invalid environment variable HTTP_WORKERS: more than 1 worker needs "
+                         "`python serve_api.py`, which starts the shared engine (under uvicorn use HTTP_WORKERS=1)\n")
+        raise SystemExit(2)
+    return create_app(engine_backend, settings, workers=settings.http_workers)
+
+
+# =============================================================================
+# HTTP_WORKERS > 1: a supervisor, one shared engine process, N HTTP worker processes
+
+class Supervisor:
+    """`python serve_api.py` with HTTP_WORKERS=N > 1 runs this instead of a server.
+
+    It makes a private (0700) directory, starts the engine process listening on a Unix socket
+    there and waits for it to load; then binds HOST:PORT once and starts N workers, each
+    `python serve_api.py` again with the listening socket inherited (CODE_ASSISTANT_LISTEN_FD),
+    the engine's socket (CODE_ASSISTANT_ENGINE_SOCKET) and PROMETHEUS_MULTIPROC_DIR in its
+    environment. A worker that dies is restarted (its live metrics marked dead) while the
+    engine lives. SIGTERM or SIGINT: every worker gets SIGTERM and drains as a single server
+    does; once all have exited the engine's control socket is closed (it exits), the
+    directory is removed and the exit code is 0. If the supervisor itself is killed, the
+    engine sees its control socket close and exits, and the workers then stop themselves."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.n = settings.http_workers
+        self.dir = Path(tempfile.mkdtemp(prefix="code-assistant-"))  # mode 0700: ours alone
+        self.metrics_dir = self.dir / "metrics"
+        self.metrics_dir.mkdir()
+        self.engine_socket = str(self.dir / "engine.sock")
+        self.engine: subprocess.Popen | None = None
+        self.control: socket.socket | None = None
+        self.listener: socket.socket | None = None
+        self.workers: list[subprocess.Popen | None] = [None] * self.n
+        self.started_at = [0.0] * self.n
+        self.stop_signal: int | None = None
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            try:
+                self._start_engine()
+                self.listener = _bind(self.settings.host, self.settings.port)
+            except (RuntimeError, OSError) as e:
+                log.error("cannot load the model: %s", e)
+                return 1
+            for i in range(self.n):
+                if self.stop_signal is None:
+                    self._start_worker(i)
+            engine_lost = False
+            while self.stop_signal is None:
+                time.sleep(0.1)
+                if not engine_lost and self.engine.poll() is not None:
+                    engine_lost = True  # the workers turn /health 503 themselves, as a single server does
+                    log.error("the engine process exited unexpectedly", extra={"exit_code": self.engine.returncode})
+                for i, w in enumerate(self.workers):
+                    if w is not None and w.poll() is not None and self.stop_signal is None:
+                        self._reap(i)
+                        if not engine_lost and time.monotonic() - self.started_at[i] > 1.0:
+                            self._start_worker(i)
+                    elif w is None and not engine_lost and time.monotonic() - self.started_at[i] > 1.0:
+                        self._start_worker(i)  # died within a second of its start: retried once a second
+            self._stop_workers()
+            return 0
+        finally:
+            self._stop_engine()
+            if self.listener is not None:
+                self.listener.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            log.info("stopped", extra={"http_workers": self.n})
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is not None:
+            return
+        self.stop_signal = signum
+        for w in self.workers:
+            if w is not None and w.poll() is None:
+                w.send_signal(signal.SIGTERM)  # SIGINT too: the workers drain either way
+
+    def _start_engine(self) -> None:
+        s = self.settings
+        control, engine_in = socket.socketpair()
+        engine_out, from_engine = socket.socketpair()
+        script = Path(__file__).resolve().with_name("engine_process.py")
+        fds = (engine_in.fileno(), engine_out.fileno())
+        try:
+            self.engine = subprocess.Popen([sys.executable, str(script), "--fd-in", str(fds[0]), "--fd-out",
+                                            str(fds[1]), "--listen", self.engine_socket], pass_fds=fds)
+        finally:
+            engine_in.close()
+            engine_out.close()
+        self.control = control
+        # the engine's own bound must hold every worker's share (each rounded up)
+        cfg = {**_engine_config(s), "max_queue": self.n * per_worker(s.max_concurrent_sequences + s.max_queue, self.n)}
+        control.sendall(_frame(pickle.dumps(cfg)))
+        reader = Connection(from_engine.detach(), writable=False)
+        try:
+            kind, payload = pickle.loads(reader.recv_bytes())
+        except (EOFError, OSError):
+            raise RuntimeError(f"the engine process exited while loading (exit code {self.engine.wait()})") from None
+        finally:
+            reader.close()
+        if kind != "ready":
+            self.engine.wait()
+            raise RuntimeError(payload)
+        log.info("engine started", extra={"mode": "shared", "pid": self.engine.pid, "http_workers": self.n,
+                                          "max_batch": payload["max_batch"], "max_seq_len": payload["max_seq_len"],
+                                          "kv_cache_bytes": payload["kv_cache_bytes"]})
+
+    def _start_worker(self, i: int) -> None:
+        fd = self.listener.fileno()
+        env = {**os.environ, "CODE_ASSISTANT_ENGINE_SOCKET": self.engine_socket,
+               "CODE_ASSISTANT_LISTEN_FD": str(fd), "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        # its own process group: a Ctrl-C reaches the supervisor only, which drains the workers
+        self.workers[i] = subprocess.Popen([sys.executable, str(Path(__file__).resolve())], env=env,
+                                           pass_fds=(fd,), process_group=0)
+        self.started_at[i] = time.monotonic()
+        log.info("HTTP worker started", extra={"worker": i, "worker_pid": self.workers[i].pid})
+
+    def _reap(self, i: int) -> None:
+        from prometheus_client import multiprocess
+
+        w = self.workers[i]
+        self.workers[i] = None
+        multiprocess.mark_process_dead(w.pid, str(self.metrics_dir))  # its live gauges stop counting
+        if self.stop_signal is None:
+            log.warning("HTTP worker exited", extra={"worker": i, "worker_pid": w.pid, "exit_code": w.returncode})
+
+    def _stop_workers(self) -> None:
+        # each drains for up to DRAIN_TIMEOUT_S, then gets 5 s to cancel and uvicorn's own shutdown
+        deadline = time.monotonic() + self.settings.drain_timeout_s + 20
+        for i, w in enumerate(self.workers):
+            if w is None:
+                continue
+            try:
+                w.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("HTTP worker did not stop: killing it", extra={"worker_pid": w.pid})
+                w.kill()
+                w.wait(10)
+            self._reap(i)
+
+    def _stop_engine(self) -> None:
+        if self.control is not None:
+            self.control.close()  # the engine's control socket closes: it exits
+        if self.engine is None or self.engine.poll() is not None:
+            return
+        try:
+            self.engine.wait(10)
+        except subprocess.TimeoutExpired:
+            log.warning("engine process did not stop: killing it")
+            self.engine.kill()
+            self.engine.wait(10)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket every worker accepts on (what uvicorn would bind for HOST:PORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 app = _build_app()
 
 
 def main() -> None:
-    run_server(app)
+    settings = app.state.serving.settings
+    if settings.http_workers > 1 and not settings.engine_socket:
+        sys.exit(Supervisor(settings).run())
+    run_server(app)  # one server, or one of the supervisor's workers
 
 
 if __name__ == "__main__":

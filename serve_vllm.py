@@ -45,7 +45,7 @@ from fastapi import FastAPI
 from pydantic import Field, field_validator
 
 from serving import (Backend, BackendUnavailable, GenerationParams, GenerationTimings, Overloaded, Settings,
-                     SettingsError, Tokenizer, create_app, load_settings, run_server)
+                     SettingsError, Tokenizer, TokenStream, create_app, load_settings, run_server)
 
 log = logging.getLogger("code_assistant.vllm_backend")
 
@@ -84,17 +84,13 @@ class VLLMSettings(Settings):
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
-class VLLMGeneration:
+class VLLMGeneration(TokenStream):
     """One vLLM request seen from the event loop: a task drains AsyncLLM.generate's deltas."""
 
     def __init__(self, backend: "VLLMBackend", rid: str) -> None:
+        super().__init__()
         self._backend = backend
         self.rid = rid
-        self._tokens: list[int] = []
-        self._event = asyncio.Event()
-        self._finished = False
-        self._wake_on_tokens = True  # False while final_tokens waits: only the finish wakes it
-        self.finish_reason: str | None = None
         self._stats: Any = None  # vLLM's RequestStateStats of the last output
         self._task: asyncio.Task | None = None
 
@@ -107,9 +103,7 @@ class VLLMGeneration:
             async for out in outputs:
                 completion = out.outputs[0]
                 if completion.token_ids:
-                    self._tokens.extend(completion.token_ids)
-                    if self._wake_on_tokens:
-                        self._event.set()
+                    self.push(completion.token_ids)
                 self._stats = out.metrics
                 if out.finished:
                     reason = _FINISH.get(str(completion.finish_reason), "error")
@@ -119,28 +113,8 @@ class VLLMGeneration:
             log.error("vLLM generation failed: %s", type(e).__name__)
             reason = "error"
         finally:
-            self.finish_reason = reason
-            self._finished = True
-            self._event.set()
+            self.end(reason)
             self._backend._gens.pop(self.rid, None)
-
-    async def next_tokens(self) -> list[int] | None:
-        while True:
-            if self._tokens:
-                tokens, self._tokens = self._tokens, []
-                return tokens
-            if self._finished:
-                return None
-            self._event.clear()
-            await self._event.wait()
-
-    async def final_tokens(self) -> list[int] | None:
-        self._wake_on_tokens = False
-        while not self._finished:
-            self._event.clear()
-            await self._event.wait()
-        tokens, self._tokens = self._tokens, []
-        return tokens or None
 
     def cancel(self) -> None:
         task = self._task

@@ -27,6 +27,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -102,6 +103,13 @@ class Settings(BaseSettings):
     # 1: the engine in its own process (serve_api.py's EngineProcessBackend), so HTTP work in
     # this process cannot starve it of the GIL; 0: on a thread of this process.
     engine_process: bool = True
+    # N > 1 (serve_api.py only, needs ENGINE_PROCESS=1): N HTTP worker processes share the port and
+    # one engine process; admission, rate limit and the in-process cache are split per worker.
+    http_workers: int = Field(1, ge=1, le=64)
+    # ---- set by serve_api.py's supervisor for its workers (HTTP_WORKERS > 1), never by hand: the
+    # engine's Unix socket and the inherited listening socket's file descriptor.
+    engine_socket: str = Field("", validation_alias="CODE_ASSISTANT_ENGINE_SOCKET")
+    listen_fd: int = Field(-1, ge=-1, validation_alias="CODE_ASSISTANT_LISTEN_FD")
     # ---- FOR TESTS ONLY: fault injection and a slowed engine, used by tests/test_server*.py to
     # exercise error paths against a real server process. Never set these in production.
     fault_inject: Literal["", "off", "once", "always"] = Field("", validation_alias="CODE_ASSISTANT_FAULT_INJECT")
@@ -149,6 +157,9 @@ def load_settings(settings_cls: type[Settings] = Settings, /, **overrides: Any) 
         err = e.errors(include_url=False, include_input=False)[0]  # values may be secrets: never echoed
         name = _env_name(str(err["loc"][0]), settings_cls) if err["loc"] else "settings"
         raise SettingsError(f"invalid environment variable {name}: {err['msg']}") from None
+    if settings.http_workers > 1 and not settings.engine_process:
+        raise SettingsError("invalid environment variable HTTP_WORKERS: more than 1 worker needs ENGINE_PROCESS=1 "
+                            "(the workers share one engine process)")
     try:
         settings.api_key_hashes()
     except (OSError, UnicodeDecodeError) as e:
@@ -251,6 +262,49 @@ class Generation(Protocol):
         ...
 
     def timings(self) -> GenerationTimings: ...
+
+
+class TokenStream:
+    """The token buffer of a Generation whose tokens arrive on the event loop itself (the
+    engine-process reader, vLLM's output task): push() and end() never cross threads, so one
+    asyncio.Event is all the signalling it needs."""
+
+    __slots__ = ("_tokens", "_event", "_finished", "_wake_on_tokens", "finish_reason")
+
+    def __init__(self) -> None:
+        self._tokens: list[int] = []
+        self._event = asyncio.Event()
+        self._finished = False
+        self._wake_on_tokens = True  # False while final_tokens waits: only the end wakes it
+        self.finish_reason: str | None = None
+
+    def push(self, tokens: list[int]) -> None:
+        self._tokens.extend(tokens)
+        if self._wake_on_tokens:
+            self._event.set()
+
+    def end(self, reason: str) -> None:
+        self.finish_reason = reason
+        self._finished = True
+        self._event.set()
+
+    async def next_tokens(self) -> list[int] | None:
+        while True:
+            if self._tokens:
+                tokens, self._tokens = self._tokens, []
+                return tokens
+            if self._finished:
+                return None
+            self._event.clear()
+            await self._event.wait()
+
+    async def final_tokens(self) -> list[int] | None:
+        self._wake_on_tokens = False
+        while not self._finished:
+            self._event.clear()
+            await self._event.wait()
+        tokens, self._tokens = self._tokens, []
+        return tokens or None
 
 
 @runtime_checkable
@@ -579,6 +633,8 @@ class StatusResponse(BaseModel):
 
 
 class StatsResponse(BaseModel):
+    """With HTTP_WORKERS > 1 the request, token and cache counts are this worker's (worker_pid);
+    running, waiting and kv_cache_usage are the one engine's, for every worker alike."""
     model: str
     device: str
     uptime_s: float
@@ -594,6 +650,8 @@ class StatsResponse(BaseModel):
     running: int
     waiting: int
     kv_cache_usage: float
+    worker_pid: int = Field(description="the HTTP process that answered")
+    http_workers: int = Field(1, description="HTTP worker processes sharing the engine (HTTP_WORKERS)")
 
 
 # =============================================================================
@@ -795,17 +853,34 @@ class RedisCache:
 # metrics
 
 class Metrics:
-    """Prometheus metrics on the app's own registry (two apps in one process never collide)."""
+    """Prometheus metrics on the app's own registry (two apps in one process never collide).
 
-    def __init__(self) -> None:
+    multiprocess (serve_api.py with HTTP_WORKERS > 1): prometheus_client's multiprocess mode.
+    Every worker writes its values under PROMETHEUS_MULTIPROC_DIR and /metrics on any worker
+    reads all of them: counters and histograms are summed over workers (dead ones included, so
+    totals never drop); active requests and the admission bound are summed over live workers;
+    the engine's gauges come from the one engine, which every worker hears: the most recent
+    value; model_loaded and code_completion_ready are the minimum over live workers (1 only
+    while every worker is loaded / ready). Gauges read at scrape time (set_function) do not
+    exist in that mode: `refresh()` sets them, on every engine stats message and every scrape."""
+
+    def __init__(self, multiprocess: bool = False) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self.multiprocess = multiprocess
+        r: CollectorRegistry | None = self.registry
+        if multiprocess:
+            from prometheus_client.multiprocess import MultiProcessCollector
+
+            MultiProcessCollector(self.registry)
+            r = None  # the values live in the files; registered here too they would count twice
+        self.refresh: Callable[[], None] = lambda: None
         latency = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
         self.requests = Counter("code_completion_requests", "HTTP requests by final status",
                                 ["status", "endpoint"], registry=r)
         self.duration = Histogram("code_completion_duration_seconds", "request latency",
                                   ["endpoint"], buckets=latency, registry=r)
-        self.active = Gauge("code_completion_active_requests", "completion requests being served", registry=r)
+        self.active = Gauge("code_completion_active_requests", "completion requests being served", registry=r,
+                            multiprocess_mode="livesum")
         self.tokens = Counter("code_completion_tokens_generated", "completion tokens generated", registry=r)
         self.prompt_tokens = Counter("code_completion_prompt_tokens", "prompt tokens processed", registry=r)
         self.queue_time = Histogram("code_completion_queue_time_seconds", "time from submit to scheduling",
@@ -817,16 +892,22 @@ class Metrics:
         self.cache_hits = Counter("code_completion_cache_hits", "response cache hits", registry=r)
         self.cache_misses = Counter("code_completion_cache_misses", "response cache misses", registry=r)
         self.cache_errors = Counter("code_completion_cache_errors", "response cache backend errors", registry=r)
-        self.running = Gauge("code_completion_requests_running", "sequences in the batch", registry=r)
-        self.waiting = Gauge("code_completion_requests_waiting", "sequences waiting for a slot", registry=r)
-        self.kv_usage = Gauge("code_completion_kv_cache_usage_ratio", "fraction of the KV cache in use", registry=r)
-        self.gpu_memory = Gauge("gpu_memory_used_bytes", "accelerator memory allocated by the model", registry=r)
-        self.model_loaded = Gauge("model_loaded", "1 once the model is loaded and warmed", registry=r)
+        self.running = Gauge("code_completion_requests_running", "sequences in the batch", registry=r,
+                             multiprocess_mode="mostrecent")
+        self.waiting = Gauge("code_completion_requests_waiting", "sequences waiting for a slot", registry=r,
+                             multiprocess_mode="mostrecent")
+        self.kv_usage = Gauge("code_completion_kv_cache_usage_ratio", "fraction of the KV cache in use", registry=r,
+                              multiprocess_mode="mostrecent")
+        self.gpu_memory = Gauge("gpu_memory_used_bytes", "accelerator memory allocated by the model", registry=r,
+                                multiprocess_mode="mostrecent")
+        self.model_loaded = Gauge("model_loaded", "1 once the model is loaded and warmed", registry=r,
+                                  multiprocess_mode="livemin")
         # model_loaded stays 1 when the engine dies later; this one follows /ready itself
         self.ready = Gauge("code_completion_ready", "1 while /ready answers 200: loaded, healthy, not draining",
-                           registry=r)
+                           registry=r, multiprocess_mode="livemin")
         self.max_in_flight = Gauge("code_completion_max_in_flight_requests",
-                                   "requests admitted at once before 429 server_overloaded", registry=r)
+                                   "requests admitted at once before 429 server_overloaded", registry=r,
+                                   multiprocess_mode="livesum")
         # a per-key rate limit and a full server both answer 429: the reason tells them apart
         self.rejections = Counter("code_completion_rejections", "429 answers by reason", ["reason"], registry=r)
         # a stream answered 200 before it failed: its error never shows in the status counts
@@ -835,6 +916,8 @@ class Metrics:
                                      ["code"], registry=r)
         for reason in ("rate_limit_exceeded", "server_overloaded", "queue_full"):
             self.rejections.labels(reason=reason)  # exported at 0 from the start, so rate() sees the first one
+        if multiprocess:
+            self.stream_errors.labels(code="timeout")  # a family with no sample at all is not exported there
         # labelled children, looked up once per label set: labels() costs more than the
         # observation itself, and runs twice per request
         self._requests_by: dict[tuple[int, str], Any] = {}
@@ -863,13 +946,32 @@ class Metrics:
                 except (RuntimeError, AttributeError, ValueError):
                     return 0.0
             return read
-        self.running.set_function(safe(lambda: backend.num_running))
-        self.waiting.set_function(safe(lambda: backend.num_waiting))
-        self.kv_usage.set_function(safe(lambda: backend.kv_cache_usage))
-        self.gpu_memory.set_function(safe(backend.memory_used_bytes))
-        self.model_loaded.set_function(lambda: 1.0 if state.loaded and not state.load_failed else 0.0)
-        self.ready.set_function(safe(lambda: 1.0 if state.ready else 0.0))
+        running, waiting = safe(lambda: backend.num_running), safe(lambda: backend.num_waiting)
+        kv_usage, gpu_memory = safe(lambda: backend.kv_cache_usage), safe(backend.memory_used_bytes)
+        loaded = lambda: 1.0 if state.loaded and not state.load_failed else 0.0  # noqa: E731
+        ready = safe(lambda: 1.0 if state.ready else 0.0)
         self.max_in_flight.set(state.max_in_flight)
+        if not self.multiprocess:
+            self.running.set_function(running)
+            self.waiting.set_function(waiting)
+            self.kv_usage.set_function(kv_usage)
+            self.gpu_memory.set_function(gpu_memory)
+            self.model_loaded.set_function(loaded)
+            self.ready.set_function(ready)
+            return
+
+        def refresh() -> None:
+            self.running.set(running())
+            self.waiting.set(waiting())
+            self.kv_usage.set(kv_usage())
+            self.gpu_memory.set(gpu_memory())
+            self.model_loaded.set(loaded())
+            self.ready.set(ready())
+
+        self.refresh = refresh
+        if hasattr(backend, "on_stats"):  # a backend that hears the engine's stats says when they change
+            backend.on_stats = refresh
+        refresh()
 
 
 # =============================================================================
@@ -922,7 +1024,8 @@ class ServingState:
     cache: ResponseCache | None
     limiter: RateLimiter
     key_hashes: list[bytes]
-    max_in_flight: int
+    max_in_flight: int  # this process's share when several workers share the engine
+    workers: int = 1
     started: float = field(default_factory=time.time)
     loaded: bool = False
     load_failed: bool = False
@@ -1404,6 +1507,7 @@ def _start_drain(app: FastAPI, state: ServingState, previous: Any) -> asyncio.Ta
 
 async def _drain(state: ServingState, previous: Any) -> None:
     state.draining = True
+    state.metrics.refresh()
     timeout = state.settings.drain_timeout_s
     log.info("SIGTERM: draining", extra={"in_flight": state.in_flight, "drain_timeout_s": timeout})
     deadline = time.monotonic() + timeout
@@ -1442,22 +1546,36 @@ _SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"], "properties": {
 _PUBLIC_ERRORS = {500: _ERRORS[500], 503: _ERRORS[503]}
 
 
+def per_worker(total: int, workers: int) -> int:
+    """One worker's share of a global budget: ceil(total / workers), so the shares add up to at
+    least the total (never a worker with none) and at most total + workers - 1."""
+    return -(-total // workers)
+
+
 def create_app(backend_factory: BackendFactory, settings: Settings | None = None, *,
-               setup_logging: bool = True) -> FastAPI:
-    """The ASGI app around the backend `backend_factory(settings)` builds (not yet loaded)."""
+               setup_logging: bool = True, workers: int = 1) -> FastAPI:
+    """The ASGI app around the backend `backend_factory(settings)` builds (not yet loaded).
+
+    workers > 1: this app is one of that many HTTP processes in front of one engine
+    (serve_api.py, HTTP_WORKERS): the admission bound (MAX_CONCURRENT_SEQUENCES + MAX_QUEUE)
+    and the per-key rate limit are split evenly (per_worker), so 429s come at about the same
+    totals, exactly only while clients spread evenly over the workers; the in-process response
+    cache is per worker (REDIS_URL shares one); metrics use multiprocess mode when
+    PROMETHEUS_MULTIPROC_DIR is set (see Metrics)."""
     settings = settings or load_settings()
     if setup_logging:
         configure_logging(settings.log_level)
     backend = backend_factory(settings)
-    metrics = Metrics()
+    metrics = Metrics(multiprocess=workers > 1 and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR")))
     cache: ResponseCache | None = None
     if settings.redis_url:
         cache = RedisCache(settings.redis_url, settings.cache_ttl_s, metrics.cache_errors.inc)
     elif settings.cache_size > 0:
         cache = MemoryCache(settings.cache_size)
     state = ServingState(settings=settings, backend=backend, metrics=metrics, cache=cache,
-                         limiter=RateLimiter(settings.rate_limit_per_minute), key_hashes=settings.api_key_hashes(),
-                         max_in_flight=settings.max_concurrent_sequences + settings.max_queue)
+                         limiter=RateLimiter(per_worker(settings.rate_limit_per_minute, workers)),
+                         key_hashes=settings.api_key_hashes(), workers=workers,
+                         max_in_flight=per_worker(settings.max_concurrent_sequences + settings.max_queue, workers))
     metrics.bind(backend, state)
     service = CompletionService(state)
 
@@ -1512,7 +1630,9 @@ def create_app(backend_factory: BackendFactory, settings: Settings | None = None
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=_PUBLIC_ERRORS, tags=["ops"])
     async def prometheus(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(get_state(request).metrics.registry),
+        m = get_state(request).metrics
+        m.refresh()  # multiprocess mode: this worker's gauges as of now (the others': their last stats)
+        return PlainTextResponse(generate_latest(m.registry),
                                  media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/stats", response_model=StatsResponse, dependencies=protected,
@@ -1529,7 +1649,8 @@ def create_app(backend_factory: BackendFactory, settings: Settings | None = None
             prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens,
             cache_hits=s.cache_hits, cache_misses=s.cache_misses,
             running=st.backend.num_running if loaded else 0, waiting=st.backend.num_waiting if loaded else 0,
-            kv_cache_usage=round(st.backend.kv_cache_usage, 6) if loaded else 0.0)
+            kv_cache_usage=round(st.backend.kv_cache_usage, 6) if loaded else 0.0,
+            worker_pid=os.getpid(), http_workers=st.workers)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=protected,
              responses={401: _ERRORS[401], 500: _ERRORS[500], 503: _ERRORS[503]}, tags=["openai"])
@@ -1642,7 +1763,12 @@ def create_app(backend_factory: BackendFactory, settings: Settings | None = None
 
 
 def run_server(app: FastAPI) -> None:
-    """Serve `app` with uvicorn on HOST:PORT (what `python serve_*.py` does); exit 1 if loading failed."""
+    """Serve `app` with uvicorn on HOST:PORT (what `python serve_*.py` does); exit 1 if loading failed.
+
+    With CODE_ASSISTANT_LISTEN_FD set (an HTTP worker started by serve_api.py's supervisor) it
+    accepts on that inherited listening socket instead, which every worker shares."""
+    import socket
+
     import uvicorn
 
     state = app.state.serving
@@ -1652,7 +1778,8 @@ def run_server(app: FastAPI) -> None:
     config = uvicorn.Config(app, host=s.host, port=s.port, log_config=None, access_log=False,
                             timeout_keep_alive=75,
                             timeout_graceful_shutdown=max(5, int(s.drain_timeout_s)), lifespan="on")
-    uvicorn.Server(config).run()
+    sockets = [socket.socket(fileno=s.listen_fd)] if s.listen_fd >= 0 else None
+    uvicorn.Server(config).run(sockets=sockets)
     if state.load_failed:
         sys.exit(1)
 
@@ -1663,11 +1790,13 @@ async def _load(app: FastAPI, state: ServingState) -> None:
         await asyncio.to_thread(state.backend.load)
     except Exception as e:  # any load failure: report it in one line and stop the server
         state.load_failed = True
+        state.metrics.refresh()
         log.error("cannot load the model: %s: %s", type(e).__name__, e, exc_info=log.isEnabledFor(logging.DEBUG))
         if state.server is not None:
             state.server.should_exit = True
         return
     state.loaded = True
+    state.metrics.refresh()
     # Everything built so far (app, routes, schemas, tokenizer) lives as long as the process:
     # out of the collector's sight, so the collections that requests trigger stay small.
     gc.collect()

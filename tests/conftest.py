@@ -118,3 +118,24 @@ def tiny_ckpt_dir(tmp_path_factory: pytest.TempPathFactory, tiny_train_config: C
     out = tmp_path_factory.mktemp("ckpt") / "tiny"
     train(tiny_train_config(out, max_iters=6, eval_interval=3))
     return out
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The servers' checkpoint: 2 layers, random weights (seeded), a real 512-token BPE.
+
+    Random, not a few training steps: a tiny trained model's greedy output is a run of spaces or
+    newlines, which would compare almost nothing; random logits make every step's argmax depend
+    on the whole forward pass. A module may override `ckpt` with its own (test_quantize does)."""
+    from server_utils import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def long_prompt(ckpt: Path) -> str:
+    """A prompt the server checkpoint continues for 200 tokens without stopping early."""
+    from server_utils import long_running_prompt
+
+    return long_running_prompt(ckpt, 200)
+

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -35,7 +35,8 @@ STDLIB_FILES = ("textwrap.py", "shlex.py", "bisect.py", "heapq.py", "fnmatch.py"
 SETTINGS_ENV = ("MODEL_PATH", "MODEL_NAME", "DEVICE", "DTYPE", "MAX_CONCURRENT_SEQUENCES", "MAX_QUEUE",
                 "MAX_PROMPT_TOKENS", "REQUEST_TIMEOUT_S", "API_KEYS", "API_KEYS_FILE", "RATE_LIMIT_PER_MINUTE",
                 "LOG_LEVEL", "HOST", "PORT", "REDIS_URL", "CACHE_SIZE", "CACHE_TTL_S", "DRAIN_TIMEOUT_S",
-                "ENGINE_PROCESS", "CODE_ASSISTANT_FAULT_INJECT", "CODE_ASSISTANT_TEST_STEP_DELAY_MS")
+                "ENGINE_PROCESS", "CODE_ASSISTANT_FAULT_INJECT", "CODE_ASSISTANT_TEST_STEP_DELAY_MS",
+                "HTTP_WORKERS", "CODE_ASSISTANT_ENGINE_SOCKET", "CODE_ASSISTANT_LISTEN_FD", "PROMETHEUS_MULTIPROC_DIR")
 BLOCK_SIZE = 256
 
 _lock = threading.Lock()
@@ -71,6 +72,16 @@ def tiny_checkpoint(tmp_path_factory: Any) -> Path:
         if _ckpt is None:
             _ckpt = build_checkpoint(tmp_path_factory.mktemp("server-ckpt"))
         return _ckpt
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.02) -> bool:
+    """Poll cond until it is true or timeout seconds pass; its last answer either way."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(interval)
+    return bool(cond())
 
 
 def free_port() -> int:

@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import require_tool  # noqa: E402
-from server_utils import ROOT, ServerProcess, free_port, long_running_prompt, tiny_checkpoint  # noqa: E402
+from server_utils import ROOT, ServerProcess, free_port, tiny_checkpoint  # noqa: E402
 
 MON = ROOT / "monitoring"
 PROMETHEUS_YML = MON / "prometheus.yml"
@@ -401,11 +401,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
            "MAX_CONCURRENT_SEQUENCES": str(MAX_CONCURRENT_SEQUENCES), "MAX_QUEUE": str(MAX_QUEUE), "CACHE_SIZE": "64"}
     with ServerProcess(ckpt, env) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def long_prompt(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return long_running_prompt(tiny_checkpoint(tmp_path_factory), 200)
 
 
 class PrometheusProcess:

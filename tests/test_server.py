@@ -73,7 +73,10 @@ def test_complete_contract_and_request_id(client: httpx.Client) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body) == {"completion", "tokens", "latency_ms"}
-    assert isinstance(body["completion"], str) and 1 <= body["tokens"] <= 8 and body["latency_ms"] >= 0
+    # 0 tokens is a valid answer: the random-weight model's greedy first token may be end-of-text
+    # (seen once in CI-like runs, as the tokenizer's merges can differ between builds)
+    assert isinstance(body["completion"], str) and 0 <= body["tokens"] <= 8 and body["latency_ms"] >= 0
+    assert body["tokens"] > 0 or body["completion"] == ""
     assert r.headers["x-request-id"] == "req-abc.123"
     # a request id is made when none (or a malformed one) is sent
     r = client.post("/complete", json={"code": "x = 1\n", "max_tokens": 2}, headers={"X-Request-ID": "bad id <script>"})

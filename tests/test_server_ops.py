@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_utils import (ROOT, RedisProcess, ServerProcess, clean_env, long_running_prompt,  # noqa: E402
-                          metric_value, redis_server_binary, tiny_checkpoint)
+from server_utils import (ROOT, RedisProcess, ServerProcess, clean_env, metric_value,  # noqa: E402
+                          redis_server_binary, wait_for)
 
 K1, K2, K3 = "ops-key-one-1111", "ops-key-two-2222", "ops-key-three-3333"
 STEP_DELAY_MS = "20"
@@ -42,31 +42,12 @@ def running(url: str) -> float:
     return metric_value(httpx.get(url + "/metrics").text, "code_completion_requests_running") or 0.0
 
 
-def wait_for(cond, timeout: float, interval: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(interval)
-    return cond()
-
-
 def assert_envelope(r: httpx.Response, status: int) -> dict:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert "Traceback" not in r.text and "RuntimeError" not in r.text and "injected" not in r.text
     return err
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def long_prompt(ckpt: Path) -> str:
-    return long_running_prompt(ckpt, 200)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_utils import ROOT, ServerProcess, clean_env, tiny_checkpoint  # noqa: E402
+from server_utils import ROOT, ServerProcess, clean_env  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, ~1 min: `make test-fast` skips it
 
@@ -58,14 +58,6 @@ class VLLMServer(ServerProcess):
             if name not in (env or {}) and name not in ("KV_CACHE_GIB", "ENFORCE_EAGER"):
                 self.env.pop(name, None)
         self.argv = [str(vllm_python()), str(ROOT / "serve_vllm.py")]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Random weights (seeded), not a few training steps: a tiny trained model's greedy output is a
-    # run of spaces or newlines, which would compare almost nothing; random logits make every
-    # step's argmax depend on the whole forward pass. Shared with test_server*.py's servers.
-    return tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
