@@ -19,6 +19,8 @@ Usage:
     python bench/serving_cpu.py --parts models       # only the engine-vs-naive table
     python bench/serving_cpu.py --parts sweep --clients 32,64,128 --level-duration 10
     python bench/serving_cpu.py --parts sweep --engine-modes process --sweep-model tiny
+    python bench/serving_cpu.py --parts sweep --engine-modes process,vllm --sweep-model tiny \\
+        --out bench/results/serving_vllm_cpu.json          # ours vs vLLM (make setup-vllm)
 Parts not run are kept from an existing output JSON, so the two can be refreshed separately.
 """
 from __future__ import annotations
@@ -227,7 +229,9 @@ def server_errors(logs: str, limit: int = 10) -> list[str]:
 # is the test suite's 2-layer, 64-wide shape, whose engine steps are fast enough that the HTTP
 # side decides throughput, as GPT-2 124M on an H100 does (issue #5).
 SWEEP_SHAPES: dict[str, dict[str, int]] = {"tiny": {}, "micro": {"n_layer": 2, "n_head": 2, "n_embd": 64}}
-ENGINE_MODES = {"process": "1", "thread": "0"}  # ENGINE_PROCESS
+# Servers swept side by side: ours with the engine in its own process or on a thread
+# (ENGINE_PROCESS), and serve_vllm.py (the same API on vLLM's CPU engine, from .venv-vllm).
+ENGINE_MODES = {"process": "1", "thread": "0", "vllm": None}
 
 
 class _Occupancy:
@@ -277,7 +281,10 @@ def run_server_sweep(clients: Sequence[int], max_concurrent: int, level_requests
     import benchmark_api
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from server_utils import ServerProcess  # the server tests' launcher: scrubbed env, free port
+    from server_utils import VLLM_PYTHON, ServerProcess, VLLMServer  # scrubbed env, free port
+
+    if "vllm" in modes and not VLLM_PYTHON.exists():
+        raise SystemExit(f"--engine-modes vllm needs {VLLM_PYTHON}: run `make setup-vllm`")
 
     env = {"DEVICE": "cpu", "MAX_CONCURRENT_SEQUENCES": str(max_concurrent), "MAX_QUEUE": "1024",
            # every request must reach the engine: no answers from the response cache
@@ -287,7 +294,8 @@ def run_server_sweep(clients: Sequence[int], max_concurrent: int, level_requests
     logs: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="serving_cpu_") as tmp:
         ckpt = make_tiny_checkpoint(Path(tmp) / shape, **SWEEP_SHAPES[shape])
-        servers = {m: ServerProcess(ckpt, {**env, "ENGINE_PROCESS": ENGINE_MODES[m]}, ready_timeout=180.0)
+        servers = {m: VLLMServer(ckpt, env) if m == "vllm" else
+                   ServerProcess(ckpt, {**env, "ENGINE_PROCESS": ENGINE_MODES[m]}, ready_timeout=180.0)
                    for m in modes}
         occupancy: dict[str, _Occupancy] = {}
         try:
@@ -333,7 +341,8 @@ def run_server_sweep(clients: Sequence[int], max_concurrent: int, level_requests
     return {"rows": rows, "server_log_errors": {m: server_errors(logs[m]) for m in modes if errors[m]},
             "server": {"command": "python serve_api.py",
                        "env": {k: v for k, v in env.items() if k != "LOG_LEVEL"},
-                       "engine_modes": {m: f"ENGINE_PROCESS={ENGINE_MODES[m]}" for m in modes},
+                       "engine_modes": {m: "python serve_vllm.py (.venv-vllm, ENFORCE_EAGER=1, KV_CACHE_GIB=1)"
+                                        if m == "vllm" else f"ENGINE_PROCESS={ENGINE_MODES[m]}" for m in modes},
                        "model": f"{shape} (random weights, 4096-token BPE)",
                        "device_from_stats": device},
             "prompts": desc, "endpoint": endpoint, "stream": stream,
@@ -407,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--sweep-model", choices=list(SWEEP_SHAPES), default="micro",
                    help="micro: engine steps cheap enough that HTTP decides throughput (as on a GPU)")
     p.add_argument("--engine-modes", default="process,thread",
-                   help="ENGINE_PROCESS modes to sweep side by side; the first is `concurrency`")
+                   help="servers to sweep side by side (process, thread: ENGINE_PROCESS; vllm: serve_vllm.py); the first is `concurrency`")
     p.add_argument("--level-requests", type=int, default=5000)
     p.add_argument("--level-duration", type=float, default=10.0)
     p.add_argument("--endpoint", choices=("complete", "v1"), default="complete",

@@ -162,6 +162,23 @@ class ServerProcess:
         self.close()
 
 
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"  # scripts/setup_vllm_venv.sh
+# serve_vllm.py's own variables: never inherited from the developer's shell
+VLLM_SETTINGS_ENV = ("GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "TENSOR_PARALLEL_SIZE", "ENFORCE_EAGER",
+                     "KV_CACHE_GIB", "HF_EXPORT_DIR")
+
+
+class VLLMServer(ServerProcess):
+    """`.venv-vllm/bin/python serve_vllm.py` on a free port, vLLM on the CPU with a 1 GiB KV cache."""
+
+    def __init__(self, ckpt: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(ckpt, {"KV_CACHE_GIB": "1", "ENFORCE_EAGER": "1", **(env or {})}, ready_timeout=300)
+        for name in VLLM_SETTINGS_ENV:
+            if name not in (env or {}) and name not in ("KV_CACHE_GIB", "ENFORCE_EAGER"):
+                self.env.pop(name, None)
+        self.argv = [str(VLLM_PYTHON), str(ROOT / "serve_vllm.py")]
+
+
 def redis_server_binary() -> str | None:
     """redis-server on PATH; as root, install it with apt-get when missing (the Makefile's way)."""
     found = shutil.which("redis-server")

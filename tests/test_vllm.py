@@ -19,17 +19,13 @@ import httpx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_utils import ROOT, ServerProcess, clean_env  # noqa: E402
+from server_utils import ROOT, VLLM_PYTHON, ServerProcess, VLLMServer, clean_env  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers, ~1 min: `make test-fast` skips it
 
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 KEY = "sk-test-vllm-3c1e"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MODEL = "tiny-code"
-# serve_vllm.py's own variables: never inherited from the developer's shell
-VLLM_SETTINGS_ENV = ("GPU_MEMORY_UTILIZATION", "MAX_MODEL_LEN", "TENSOR_PARALLEL_SIZE", "ENFORCE_EAGER",
-                     "KV_CACHE_GIB", "HF_EXPORT_DIR")
 PROMPTS = [
     "def fibonacci(n):\n    ",
     "import os\n\n\ndef list_files(root):\n",
@@ -47,17 +43,6 @@ def vllm_python() -> Path:
     if os.environ.get("CODE_ASSISTANT_REQUIRE_TOOLS") == "1":
         pytest.fail(hint)
     pytest.skip(hint)
-
-
-class VLLMServer(ServerProcess):
-    """`.venv-vllm/bin/python serve_vllm.py` on a free port, vLLM on the CPU with a 1 GiB KV cache."""
-
-    def __init__(self, ckpt: Path, env: dict[str, str] | None = None) -> None:
-        super().__init__(ckpt, {"KV_CACHE_GIB": "1", "ENFORCE_EAGER": "1", **(env or {})}, ready_timeout=300)
-        for name in VLLM_SETTINGS_ENV:
-            if name not in (env or {}) and name not in ("KV_CACHE_GIB", "ENFORCE_EAGER"):
-                self.env.pop(name, None)
-        self.argv = [str(vllm_python()), str(ROOT / "serve_vllm.py")]
 
 
 @pytest.fixture(scope="module")
