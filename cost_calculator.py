@@ -211,9 +211,10 @@ def plot(caps: list[Capacity], cfg: CostConfig, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         cfg = parse_config(CostConfig, sys.argv[1:] if argv is None else argv)
-        for name in ("requests_per_day", "min_replicas"):
-            if getattr(cfg, name) < (0 if name == "requests_per_day" else 1):
-                raise CostError(f"{name}: must be >= {0 if name == 'requests_per_day' else 1}")
+        if cfg.requests_per_day < 0:
+            raise CostError("requests_per_day: must be >= 0")
+        if cfg.min_replicas < 1:
+            raise CostError("min_replicas: must be >= 1")
         for name in ("peak_to_mean", "p95_slo_ms"):
             if getattr(cfg, name) <= 0:
                 raise CostError(f"{name}: must be > 0")

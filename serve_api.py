@@ -37,6 +37,7 @@ stops the engine and exits 0. Under `uvicorn serve_api:app` HTTP_WORKERS must be
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -312,38 +313,16 @@ class EngineProcessBackend:
         if self.settings.http_workers > 1 and not shared:
             raise RuntimeError("HTTP_WORKERS > 1 needs `python serve_api.py`, which starts the shared engine "
                                "(under `uvicorn serve_api:app` set HTTP_WORKERS=1)")
-        to_engine, engine_in = socket.socketpair()
-        engine_out, from_engine = socket.socketpair()
-        fds = (engine_in.fileno(), engine_out.fileno())
-        try:
-            if shared:
-                # the engine's ends of both pairs go over its Unix socket (SCM_RIGHTS): from then on
-                # this worker talks to it exactly as to a child of its own
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                    conn.connect(shared)
-                    socket.send_fds(conn, [b"connect"], list(fds))
-            else:
-                script = Path(__file__).resolve().with_name("engine_process.py")
-                self._proc = subprocess.Popen([sys.executable, str(script), "--fd-in", str(fds[0]),
-                                               "--fd-out", str(fds[1])], pass_fds=fds)
-        finally:
-            engine_in.close()
-            engine_out.close()
-        self._rconn = Connection(from_engine.detach(), writable=False)
-        self._wsock = to_engine
-        if not shared:
+        if shared:
+            # the engine's ends of both pairs go over its Unix socket: from then on this worker
+            # talks to it exactly as to a child of its own
+            _, to_engine, self._rconn = _engine_channel(functools.partial(_hand_over, shared))
+        else:
+            self._proc, to_engine, self._rconn = _engine_channel(_spawn_engine)
             to_engine.sendall(_frame(pickle.dumps(_engine_config(self.settings))))
+        self._wsock = to_engine
         to_engine.setblocking(False)
-        try:
-            kind, payload = pickle.loads(self._rconn.recv_bytes())
-        except (EOFError, OSError):
-            if shared:
-                raise RuntimeError("the shared engine process closed the connection") from None
-            code = self._proc.wait()
-            raise RuntimeError(f"the engine process exited while loading (exit code {code})") from None
-        if kind != "ready":
-            self._proc.wait()
-            raise RuntimeError(payload)
+        payload = _engine_ready(self._rconn, self._proc)
         self._tokenizer = load_tokenizer(self.settings.model_path)
         self._info = payload
         if shared:
@@ -542,6 +521,52 @@ class EngineProcessBackend:
             g.finish(reason, g.timings())
 
 
+def _engine_channel(hand_over: Callable[[list[int]], Any]) -> tuple[Any, socket.socket, Connection]:
+    """Two fresh socket pairs to an engine process; `hand_over(fds)` gives it their far ends
+    (inherited by a new child, or sent to the shared engine) and returns what it made.
+    (that, our socket to the engine, our Connection from it)."""
+    to_engine, engine_in = socket.socketpair()
+    engine_out, from_engine = socket.socketpair()
+    try:
+        made = hand_over([engine_in.fileno(), engine_out.fileno()])
+    finally:
+        engine_in.close()  # the engine holds its own copies now
+        engine_out.close()
+    return made, to_engine, Connection(from_engine.detach(), writable=False)
+
+
+def _spawn_engine(fds: list[int], listen: str | None = None) -> subprocess.Popen:
+    """engine_process.py as our child, on the two inherited sockets (+ the workers' socket path)."""
+    argv = [sys.executable, str(Path(__file__).resolve().with_name("engine_process.py")),
+            "--fd-in", str(fds[0]), "--fd-out", str(fds[1])]
+    if listen:
+        argv += ["--listen", listen]
+    return subprocess.Popen(argv, pass_fds=fds)
+
+
+def _hand_over(path: str, fds: list[int]) -> None:
+    """Send the engine's ends to the shared engine listening on `path` (SCM_RIGHTS)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(path)
+        socket.send_fds(conn, [b"connect"], fds)
+
+
+def _engine_ready(reader: Connection, proc: subprocess.Popen | None) -> dict[str, Any]:
+    """The engine's first message: its info, or a RuntimeError saying why it did not load.
+    proc: the engine if it is our child (its exit code goes into the error), None if shared."""
+    try:
+        kind, payload = pickle.loads(reader.recv_bytes())
+    except (EOFError, OSError):
+        if proc is None:
+            raise RuntimeError("the shared engine process closed the connection") from None
+        raise RuntimeError(f"the engine process exited while loading (exit code {proc.wait()})") from None
+    if kind != "ready":
+        if proc is not None:
+            proc.wait()
+        raise RuntimeError(payload)
+    return payload
+
+
 def _frame(data: bytes) -> bytes:
     """multiprocessing.connection's framing (a 4-byte big-endian length), which the engine reads."""
     return struct.pack("!i", len(data)) + data
@@ -619,10 +644,10 @@ class Supervisor:
                 for i, w in enumerate(self.workers):
                     if w is not None and w.poll() is not None and self.stop_signal is None:
                         self._reap(i)
-                        if not engine_lost and time.monotonic() - self.started_at[i] > 1.0:
-                            self._start_worker(i)
-                    elif w is None and not engine_lost and time.monotonic() - self.started_at[i] > 1.0:
-                        self._start_worker(i)  # died within a second of its start: retried once a second
+                    # restarted while the engine lives, at most once a second per slot
+                    if (self.workers[i] is None and not engine_lost and self.stop_signal is None
+                            and time.monotonic() - self.started_at[i] > 1.0):
+                        self._start_worker(i)
             self._stop_workers()
             return 0
         finally:
@@ -642,30 +667,15 @@ class Supervisor:
 
     def _start_engine(self) -> None:
         s = self.settings
-        control, engine_in = socket.socketpair()
-        engine_out, from_engine = socket.socketpair()
-        script = Path(__file__).resolve().with_name("engine_process.py")
-        fds = (engine_in.fileno(), engine_out.fileno())
-        try:
-            self.engine = subprocess.Popen([sys.executable, str(script), "--fd-in", str(fds[0]), "--fd-out",
-                                            str(fds[1]), "--listen", self.engine_socket], pass_fds=fds)
-        finally:
-            engine_in.close()
-            engine_out.close()
-        self.control = control
+        self.engine, self.control, reader = _engine_channel(
+            functools.partial(_spawn_engine, listen=self.engine_socket))
         # the engine's own bound must hold every worker's share (each rounded up)
         cfg = {**_engine_config(s), "max_queue": self.n * per_worker(s.max_concurrent_sequences + s.max_queue, self.n)}
-        control.sendall(_frame(pickle.dumps(cfg)))
-        reader = Connection(from_engine.detach(), writable=False)
+        self.control.sendall(_frame(pickle.dumps(cfg)))
         try:
-            kind, payload = pickle.loads(reader.recv_bytes())
-        except (EOFError, OSError):
-            raise RuntimeError(f"the engine process exited while loading (exit code {self.engine.wait()})") from None
+            payload = _engine_ready(reader, self.engine)
         finally:
             reader.close()
-        if kind != "ready":
-            self.engine.wait()
-            raise RuntimeError(payload)
         log.info("engine started", extra={"mode": "shared", "pid": self.engine.pid, "http_workers": self.n,
                                           "max_batch": payload["max_batch"], "max_seq_len": payload["max_seq_len"],
                                           "kv_cache_bytes": payload["kv_cache_bytes"]})

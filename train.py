@@ -47,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoint
 from configurator import ConfigError, parse_config
 from data import DataError, TrainBatches, eval_batch, check_length, open_tokens, read_data_meta
+from hf_export import CONV1D_WEIGHTS
 from model import FUSED_LOSS_CHUNK_ROWS, GPT, GPTConfig
 from tokenizer import TokenizerError, load_tokenizer, padded_vocab_size
 
@@ -187,10 +188,6 @@ def _barrier(world_size: int) -> None:
 # -----------------------------------------------------------------------------
 # pretrained GPT-2 (Hugging Face) -> our GPT
 
-# HF GPT-2 keeps these as Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
-_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 def gpt_from_hf(hf_model_or_dir: Any, vocab_size: int, block_size: int | None = None,
                 dropout: float = 0.0) -> GPT:
     """Our GPT from a transformers GPT2LMHeadModel (or a local directory holding one).
@@ -223,7 +220,7 @@ def gpt_from_hf(hf_model_or_dir: Any, vocab_size: int, block_size: int | None = 
                 continue  # tied to wte
             if key not in ours:
                 raise PretrainedError(f"unexpected tensor in the pretrained model: {key}")
-            if key.endswith(_CONV1D):
+            if key.endswith(CONV1D_WEIGHTS):  # HF's (in, out) layout
                 value = value.t()
             if key == "transformer.wte.weight":
                 wte = value.new_empty(vocab_size, hc.n_embd)

@@ -84,6 +84,22 @@ def wait_for(cond: Callable[[], Any], timeout: float, interval: float = 0.02) ->
     return bool(cond())
 
 
+def wait_http_ok(proc: subprocess.Popen, url: str, timeout: float, logs: Callable[[], str],
+                 name: str = "server") -> None:
+    """Poll url until it answers 200; RuntimeError (with logs()) if proc exits first, TimeoutError after timeout s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{logs()}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} not ready in {timeout}s:\n{logs()}")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -122,17 +138,7 @@ class ServerProcess:
         return self
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready in {self.ready_timeout}s:\n{self.logs()[-4000:]}")
+        wait_http_ok(self.proc, self.url + "/ready", self.ready_timeout, lambda: self.logs()[-4000:])
 
     def logs(self) -> str:
         return Path(self._log.name).read_text(encoding="utf-8", errors="replace")

@@ -38,7 +38,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import require_tool  # noqa: E402
-from server_utils import ROOT, ServerProcess, free_port, tiny_checkpoint  # noqa: E402
+from server_utils import ROOT, ServerProcess, free_port, tiny_checkpoint, wait_http_ok  # noqa: E402
 
 MON = ROOT / "monitoring"
 PROMETHEUS_YML = MON / "prometheus.yml"
@@ -418,17 +418,11 @@ class PrometheusProcess:
             [binary, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             cwd=str(self.dir), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"prometheus exited: {self.logs()}"
-            try:
-                if httpx.get(self.url + "/-/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.close()
-        raise TimeoutError(f"prometheus not ready: {self.logs()}")
+        try:
+            wait_http_ok(self.proc, self.url + "/-/ready", 30, self.logs, name="prometheus")
+        except (RuntimeError, TimeoutError):
+            self.close()
+            raise
 
     def logs(self) -> str:
         return (self.dir / "prometheus.log").read_text(errors="replace")[-4000:]
