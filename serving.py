@@ -914,8 +914,10 @@ class Metrics:
         self.stream_errors = Counter("code_completion_stream_errors",
                                      "streams that ended in an error event after their 200 headers",
                                      ["code"], registry=r)
-        for reason in ("rate_limit_exceeded", "server_overloaded", "queue_full"):
-            self.rejections.labels(reason=reason)  # exported at 0 from the start, so rate() sees the first one
+        # made now, so each is exported at 0 from the start (rate() sees the first 429), and kept:
+        # 429s come in bursts under overload, where labels() per answer would add to the load
+        self.rejected = {reason: self.rejections.labels(reason=reason)
+                         for reason in ("rate_limit_exceeded", "server_overloaded", "queue_full")}
         if multiprocess:
             self.stream_errors.labels(code="timeout")  # a family with no sample at all is not exported there
         # labelled children, looked up once per label set: labels() costs more than the
@@ -1070,7 +1072,7 @@ async def rate_limited(request: Request, principal: Annotated[str, Depends(requi
     state = get_state(request)
     wait = state.limiter.acquire(principal)
     if wait > 0:
-        state.metrics.rejections.labels(reason="rate_limit_exceeded").inc()
+        state.metrics.rejected["rate_limit_exceeded"].inc()
         raise APIError(429, "rate limit exceeded for this key", "rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": str(max(1, math.ceil(wait)))})
     return principal
@@ -1230,7 +1232,7 @@ class CompletionService:
         st = self.state
         self._check_available()
         if st.in_flight >= st.max_in_flight:
-            st.metrics.rejections.labels(reason="server_overloaded").inc()
+            st.metrics.rejected["server_overloaded"].inc()
             raise APIError(429, "the server is at capacity, retry shortly", "rate_limit_error",
                            code="server_overloaded", headers={"Retry-After": "1"})
         st.in_flight += 1
@@ -1257,7 +1259,7 @@ class CompletionService:
             try:
                 gen = st.backend.submit(ids, params)
             except Overloaded:
-                st.metrics.rejections.labels(reason="queue_full").inc()
+                st.metrics.rejected["queue_full"].inc()
                 raise APIError(429, "the request queue is full, retry shortly", "rate_limit_error",
                                code="queue_full", headers={"Retry-After": "1"}) from None
             except BackendUnavailable:
