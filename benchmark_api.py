@@ -5,7 +5,10 @@ the OpenAI-style POST /v1/completions) or a vLLM-backed `serve_vllm.py` with the
 Clients are closed-loop: each of N clients sends its next request as soon as its previous
 one returns, so N is the number of requests in flight. One asyncio event loop, with one
 httpx.AsyncClient (one keep-alive connection) per client, carries 256+ clients from one process
-(threads would spend a core on context switches on a 2-core box).
+(threads would spend a core on context switches on a 2-core box). Past ~1000 req/s that one
+process is itself the limit: `--processes N` splits each level's clients and `--requests` over N
+spawned processes that start their clocks together (a barrier); their samples are merged, so
+percentiles are over all requests, and the level's duration is the longest process's.
 
 Prompts are cut from real held-out code (`--prompts-from` a directory of .py files, a data
 directory holding val_files.json, or a val_files.json itself): random line-aligned windows
@@ -38,8 +41,9 @@ Per-level fields: clients, requests (finished: ok + errors), ok, errors, error_c
 requests / output tokens over the level's wall time), p50/p95/p99_ms (end-to-end latency of
 ok requests), ttft_p50/p95_ms and tpot_p50_ms (streaming only; null otherwise: a
 non-streamed answer shows no first token), ms_per_token_p50 (latency / tokens, any mode),
-cache_hits (answers the server's response cache gave during the level, from /stats; null if
-the server has no /stats). Prompts are distinct per request so a cache has nothing to hit.
+processes (load-generator processes used), cache_hits (answers the server's response cache
+gave during the level, from /stats; null if the server has no /stats). Prompts are distinct
+per request so a cache has nothing to hit.
 """
 from __future__ import annotations
 
@@ -62,6 +66,9 @@ import httpx
 
 DEFAULT_CLIENTS = (1, 8, 32, 64, 128, 256)
 CHARS_PER_TOKEN = 3.5  # BPE on Python source averages ~3-4 chars/token; only a rough target
+# --processes: how long spawned load processes may take to start (they re-import the caller's
+# __main__ module, which may import torch)
+_BARRIER_TIMEOUT_S = 300.0
 
 # Used only when no --prompts-from is given; the output JSON then says prompts="builtin".
 BUILTIN_SNIPPETS = (
@@ -321,18 +328,18 @@ def summarize(clients: int, samples: list[Sample], elapsed: float, cancelled: in
     }
 
 
-async def _run_level(target: Target, clients: int, prompts: Sequence[str], requests: int,
-                     duration_s: float, drain_s: float, seed: int, progress: bool,
-                     offset: int = 0) -> dict:
+async def _drive(target: Target, clients: int, prompts: Sequence[str], requests: int,
+                 duration_s: float, drain_s: float, seed: int, offset: int = 0, bar: Any = None,
+                 barrier: Any = None) -> tuple[list[Sample], int, float]:
+    """Run `clients` closed-loop clients until the bounds: (samples, issued, elapsed_s)."""
     limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     timeout = httpx.Timeout(target.timeout_s, connect=10.0)
     samples: list[Sample] = []
     issued = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=requests, desc=f"{clients:>4} clients", unit="req", leave=False,
-                   file=sys.stderr, disable=None)
+    if barrier is not None:
+        # several load processes: every one starts its clock together, so their windows overlap
+        # and the level's elapsed (the longest) covers them all; a sibling that fails aborts it
+        barrier.wait(timeout=_BARRIER_TIMEOUT_S)
     start = time.perf_counter()
     stop_at = start + duration_s
     last_done = start
@@ -363,13 +370,96 @@ async def _run_level(target: Target, clients: int, prompts: Sequence[str], reque
         await asyncio.gather(*pending, return_exceptions=True)
     finally:
         await asyncio.gather(*(p.aclose() for p in pools), return_exceptions=True)
-    if bar is not None:
-        bar.close()
-    cancelled = issued - len(samples)
     # throughput over the span in which requests ran, not including idle drain time
     elapsed = (last_done if samples else time.perf_counter()) - start
-    row = summarize(clients, samples, elapsed, cancelled, target.stream)
+    return samples, issued, elapsed
+
+
+async def _run_level(target: Target, clients: int, prompts: Sequence[str], requests: int,
+                     duration_s: float, drain_s: float, seed: int, progress: bool,
+                     offset: int = 0) -> dict:
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=requests, desc=f"{clients:>4} clients", unit="req", leave=False,
+                   file=sys.stderr, disable=None)
+    samples, issued, elapsed = await _drive(target, clients, prompts, requests, duration_s,
+                                            drain_s, seed, offset, bar)
+    if bar is not None:
+        bar.close()
+    row = summarize(clients, samples, elapsed, issued - len(samples), target.stream)
     row["stopped_by"] = "requests" if issued >= requests else "duration"
+    return row
+
+
+# ---- one level over several processes -------------------------------------------------------
+# Past ~1000 req/s one Python process (one event loop) is the limit of the load generator
+# itself: with processes=N each level's clients and request bound are split over N processes.
+
+
+def split(total: int, parts: int) -> list[int]:
+    """total as evenly as possible over parts, larger shares first: split(128, 3) == [43, 43, 42]."""
+    q, r = divmod(total, parts)
+    return [q + (i < r) for i in range(parts)]
+
+
+def _level_worker(results: Any, barrier: Any, index: int, target: Target, clients: int,
+                  prompts: Sequence[str], requests: int, duration_s: float, drain_s: float,
+                  seed: int, offset: int) -> None:
+    """A spawned process's share of a level: (index, (samples, issued, elapsed), error) on results."""
+    try:
+        out = asyncio.run(_drive(target, clients, prompts, requests, duration_s, drain_s, seed,
+                                 offset, barrier=barrier))
+        results.put((index, out, None))
+    except Exception as e:  # report, never leave the parent or the siblings at the barrier waiting
+        barrier.abort()
+        results.put((index, None, f"{type(e).__name__}: {e}"))
+        raise  # and the traceback on stderr
+
+
+def _run_level_processes(target: Target, clients: int, prompts: Sequence[str], requests: int,
+                         duration_s: float, drain_s: float, seed: int, offset: int,
+                         processes: int) -> dict:
+    import multiprocessing
+    import queue
+
+    n = min(processes, clients)  # never a process without clients
+    ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold threads or CUDA
+    results, barrier = ctx.Queue(), ctx.Barrier(n)
+    client_shares, request_shares = split(clients, n), split(requests, n)
+    # each process takes its own run of prompts (and seeds) from the level's range
+    offsets = [offset + sum(request_shares[:i]) for i in range(n)]
+    procs = [ctx.Process(target=_level_worker, daemon=True,
+                         args=(results, barrier, i, target, client_shares[i], prompts,
+                               request_shares[i], duration_s, drain_s, seed, offsets[i]))
+             for i in range(n)]
+    outs: dict[int, tuple[list[Sample], int, float]] = {}
+    try:
+        for p in procs:
+            p.start()
+        while len(outs) < n:  # read before join: a large result would block the child's exit
+            try:
+                i, out, error = results.get(timeout=1.0)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in procs):
+                    raise RuntimeError("a load-generator process died (see its stderr)") from None
+                continue
+            if error is not None:
+                raise RuntimeError(f"load-generator process {i} failed: {error}")
+            outs[i] = out
+    finally:
+        barrier.abort()  # on an error: frees any process still waiting to start (no-op otherwise)
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.terminate()
+    samples = [s for out in outs.values() for s in out[0]]
+    issued = sum(out[1] for out in outs.values())
+    elapsed = max(out[2] for out in outs.values())  # they started together: the longest is the level
+    row = summarize(clients, samples, elapsed, issued - len(samples), target.stream)
+    row["stopped_by"] = "requests" if issued >= requests else "duration"
+    row["processes"] = n
     return row
 
 
@@ -387,11 +477,15 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
               duration_s: float = 30.0, drain_s: float = 30.0,
               prompts: Sequence[str] | None = None, api_key: str | None = None,
               model: str | None = None, timeout_s: float = 120.0, warmup: int = 1,
-              seed: int = 0, progress: bool = True) -> list[dict]:
+              seed: int = 0, progress: bool = True, processes: int = 1) -> list[dict]:
     """Benchmark each concurrency in clients_list in turn; one summary dict per level.
 
     Not callable from inside a running event loop (it runs its own with asyncio.run).
-    stream=True implies endpoint="v1" (SSE lives on /v1/completions)."""
+    stream=True implies endpoint="v1" (SSE lives on /v1/completions).
+    processes > 1: each level's clients and request bound are split over min(processes, clients)
+    spawned processes (the duration bound applies to each); no progress bar then."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, not {processes}")
     if stream:
         endpoint = "v1"
     target = Target(url, endpoint, stream, max_tokens, temperature, api_key,
@@ -405,13 +499,20 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
     offset = warmup
     for clients in clients_list:
         hits_before = _cache_hits(url, api_key)
-        row = asyncio.run(_run_level(target, int(clients), prompts, requests_per_level,
-                                     duration_s, drain_s, seed, progress, offset))
+        if min(processes, int(clients)) == 1:
+            row = asyncio.run(_run_level(target, int(clients), prompts, requests_per_level,
+                                         duration_s, drain_s, seed, progress, offset))
+            row["processes"] = 1
+            level_prompts = row["requests"] + row["cancelled"]
+        else:
+            row = _run_level_processes(target, int(clients), prompts, requests_per_level,
+                                       duration_s, drain_s, seed, offset, processes)
+            level_prompts = requests_per_level  # the processes' runs of prompts span the bound
         hits_after = _cache_hits(url, api_key)
         # answers served from the server's response cache never touched the model: show them
         row["cache_hits"] = (hits_after - hits_before
                              if hits_before is not None and hits_after is not None else None)
-        offset += row["requests"] + row["cancelled"]
+        offset += level_prompts
         rows.append(row)
         if progress:
             print(_line(row), file=sys.stderr, flush=True)
@@ -546,11 +647,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON results path (a PNG goes beside it)")
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--processes", type=int, default=1,
+                   help="load-generator processes per level (clients and --requests split over them)")
     args = p.parse_args(argv)
     if args.stream:
         args.endpoint = "v1"
-    if args.requests < 1 or args.duration <= 0:
-        p.error("--requests must be >= 1 and --duration > 0")
+    if args.requests < 1 or args.duration <= 0 or args.processes < 1:
+        p.error("--requests and --processes must be >= 1 and --duration > 0")
     return args
 
 
@@ -566,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      requests_per_level=args.requests, duration_s=args.duration,
                      drain_s=args.drain, prompts=prompts, api_key=args.api_key,
                      model=args.model, timeout_s=args.timeout, warmup=args.warmup,
-                     seed=args.seed, progress=not args.no_progress)
+                     seed=args.seed, progress=not args.no_progress, processes=args.processes)
     result = {
         "url": args.url,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -580,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "prompts": prompt_desc,
         "limits": {"requests_per_level": args.requests, "duration_s": args.duration,
                    "drain_s": args.drain},
+        "processes": args.processes,
         "results": rows,
     }
     for r in rows:

@@ -8,9 +8,11 @@ A continuous-batching generator of token ids over a KV cache allocated once:
   over the slots in use. Finished or cancelled requests leave at once and free their slot.
 - The decode step is `model.decode_step`, a pure function (the new K/V come back and one
   indexed copy writes them for every layer). On CUDA it is compiled with torch.compile,
-  captured as CUDA graphs, one per (batch bucket, length bucket, greedy or not), and runs one
-  step ahead of the host: step t+1 is launched before the tokens of step t are read back, so
-  host bookkeeping overlaps GPU work. On CPU the same code runs eagerly.
+  captured as CUDA graphs, one per (batch bucket, length bucket, steps), and runs one launch
+  ahead of the host: launch t+1 is queued before the tokens of launch t are read back, so
+  host bookkeeping overlaps GPU work. A greedy launch may run several decode steps in one
+  graph (`decode_steps`) while nobody waits for a slot: one launch and one read-back per k
+  tokens instead of per token. On CPU the same code runs eagerly.
 - Sampling runs on the device: temperature, top-k, top-p, with Gumbel noise from a hash of
   (request seed, position, token) so a seeded request samples the same tokens whatever
   else shares its batch.
@@ -178,7 +180,7 @@ class Engine:
                  max_queue: int = 256, prefill_chunk: int = 256, prefill_batch: int = 32,
                  eos_id: int | None = None, vocab_size: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | None = None,
-                 max_consecutive_errors: int = 3):
+                 decode_steps: int | None = None, max_consecutive_errors: int = 3):
         self.model = model.eval()
         cfg = model.config
         self.device = model.transformer.wte.weight.device
@@ -218,6 +220,14 @@ class Engine:
         self.batch_buckets = _buckets(max_batch, 1)
         self.len_buckets = _buckets(self.max_seq_len, min(64, self.max_seq_len))
         self.compile = self.cuda_graphs if compile is None else compile
+        # Greedy decode steps per launch, at most: powers of two up to this. Per step, a launch
+        # costs the host a graph launch, a read-back and its bookkeeping, which at batch 1 is
+        # as long as the GPU's step itself; k steps per launch pay that once. Default 8 with
+        # CUDA graphs, 1 otherwise (eager CPU steps are long next to their host work).
+        steps = decode_steps if decode_steps is not None else (8 if self.cuda_graphs else 1)
+        if steps < 1:
+            raise ValueError("decode_steps must be >= 1")
+        self.step_buckets = _buckets(steps, 1) if steps > 1 else [1]
         # On CUDA the decode step (model.decode_step plus the greedy pick) is compiled whole,
         # then captured per bucket in CUDA graphs. Dynamic shapes: three compiles (batch 1 at
         # the first length, batch 1 at any length, batch >= 2) instead of one per bucket.
@@ -228,7 +238,7 @@ class Engine:
             # several engines in one process (the benchmarks) each add guards on their model
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._decode_fn = torch.compile(_decode_and_pick, dynamic=True, fullgraph=True)
-        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self._warm_stream = None
         self._waiting: deque[Request] = deque()
@@ -328,8 +338,8 @@ class Engine:
         if self.cuda_graphs:
             for lb in self.len_buckets:
                 for b in self.batch_buckets:
-                    for greedy in (True, False):
-                        self._graph(b, lb, greedy)
+                    for steps in (0, *self.step_buckets):  # 0: a sampling step (logits out)
+                        self._graph(b, lb, steps)
                 if lb >= length:
                     break
         self.generate([0] * min(8, self.max_seq_len - 1), SamplingParams(max_tokens=2))
@@ -474,27 +484,33 @@ class Engine:
         if not rows:
             return None
         B = _bucket(max(rows) + 1, self.batch_buckets)
-        # every row in [0, B) writes at its position this step, live or not: stay in bounds
-        length = _bucket(max(self.pos_host[:B]) + 1, self.len_buckets)
         greedy = all(self.slots[s].params.temperature <= 0 for s in rows)
-        nxt = self._run_decode(B, length, greedy)
-        if not greedy:  # sampling has data-dependent shapes (top-k, top-p): eager, after the graph
-            nxt = sample_tokens(nxt, self.temp_buf[:B], self.topk_buf[:B], self.topp_buf[:B],
+        k = self._steps_per_launch(rows, B) if greedy else 1
+        # every row in [0, B) writes at its positions this launch, live or not: stay in bounds
+        length = _bucket(max(self.pos_host[:B]) + k, self.len_buckets)
+        if greedy:
+            nxt = self._run_decode(B, length, k)  # (k, B)
+        else:  # sampling has data-dependent shapes (top-k, top-p): eager, after the graph
+            logits = self._run_decode(B, length, 0)
+            nxt = sample_tokens(logits, self.temp_buf[:B], self.topk_buf[:B], self.topp_buf[:B],
                                 self.seed_buf[:B], self.pos_buf[:B])
             self._advance(B, nxt)
+            nxt = nxt[None]
         for s in rows:
-            self.pos_host[s] += 1
+            self.pos_host[s] += k
         out = nxt.to("cpu", non_blocking=True) if self.device.type == "cuda" else nxt
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        # Requests that reach max_tokens or the end of the cache with this step get no further
-        # step; their idle row writes junk at position 0 of their own slot, which is harmless.
+        # Requests that reach max_tokens or the end of the cache with this launch get no
+        # further one; their idle row writes junk at position 0 of their own slot, which is
+        # harmless. A launch of k steps may run a row past its max_tokens: the extra tokens
+        # are dropped on read-back and their K/V land in positions nobody reads.
         ending = []
         for s in rows:
             r = self.slots[s]
-            r._launched += 1
+            r._launched += k
             if r._launched >= r.params.max_tokens or self.pos_host[s] >= self.max_seq_len:
                 r._stopping = True
                 self.active_buf[s] = 0
@@ -503,14 +519,24 @@ class Engine:
                 ending.append(s)
         return rows, [self.slots[s] for s in rows], out, event, set(ending)
 
+    def _steps_per_launch(self, rows: list[int], B: int) -> int:
+        """Greedy steps for this launch: the most (a step bucket) that the rows still want,
+        1 while a request waits for a free slot or is mid-prefill (it joins at the next
+        launch, so long launches would hold up its first token), and never past the cache."""
+        if len(self.step_buckets) == 1 or self._prefilling or (self._waiting and self._free):
+            return 1
+        want = max(self.slots[s].params.max_tokens - self.slots[s]._launched for s in rows)
+        room = self.max_seq_len - max(self.pos_host[:B])
+        return max(k for k in self.step_buckets if k <= max(1, min(want, room)))
+
     def _finish_decode(self, rows, reqs, out, event, ending) -> None:
         if event is not None:
             event.synchronize()
-        tokens = out.tolist()
+        for step_tokens in out.tolist():  # (k, B): one list of row tokens per step
+            for s, r in zip(rows, reqs):
+                if r.finish_reason is None:  # else finished (stop, cancel, length) meanwhile
+                    self._emit(r, step_tokens[s])
         for s, r in zip(rows, reqs):
-            if r.finish_reason is not None:
-                continue  # finished (stop token, cancel) while this step was in flight
-            self._emit(r, tokens[s])
             if r.finish_reason is None and s in ending:
                 self._release(r, "length")
 
@@ -585,29 +611,37 @@ class Engine:
         self._advance(B, nxt)
         return nxt
 
+    def _decode_steps(self, B: int, length: int, steps: int) -> torch.Tensor:
+        """`steps` greedy steps, each feeding the next: their tokens (steps, B). steps == 0 is
+        one step returning logits, for sampling."""
+        if steps == 0:
+            return self._decode(B, length, greedy=False)
+        return torch.stack([self._decode(B, length, greedy=True) for _ in range(steps)])
+
     def _advance(self, B: int, nxt: torch.Tensor) -> None:
         active = self.active_buf[:B]
         self.tokens_buf[:B] = torch.where(active.bool(), nxt, self.tokens_buf[:B])
         self.pos_buf[:B] += active
 
-    def _run_decode(self, B: int, length: int, greedy: bool) -> torch.Tensor:
+    def _run_decode(self, B: int, length: int, steps: int) -> torch.Tensor:
         if not self.cuda_graphs:
-            return self._decode(B, length, greedy)
-        graph, out = self._graph(B, length, greedy)
+            return self._decode_steps(B, length, steps)
+        graph, out = self._graph(B, length, steps)
         graph.replay()
         return out
 
-    def _graph(self, B: int, length: int, greedy: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """The CUDA graph of this bucket's step and its output, captured on first use."""
-        key = (B, length, greedy)
+    def _graph(self, B: int, length: int, steps: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The CUDA graph of this bucket's launch and its output, captured on first use."""
+        key = (B, length, steps)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(B, length, greedy)
+            self._graphs[key] = self._capture(B, length, steps)
         return self._graphs[key]
 
-    def _capture(self, B: int, length: int, greedy: bool):
+    def _capture(self, B: int, length: int, steps: int):
         # Warm up on a side stream (compilation, cuBLAS handles, allocations), then record the
-        # graph. A warm-up step writes at each row's current position exactly what the real
-        # step will write there; the tokens and positions it advances are put back.
+        # graph. A warm-up launch writes at each row's positions exactly what the real launch
+        # will write there (same tokens, same positions); the tokens and positions it advances
+        # are put back.
         if self._warm_stream is None:  # one stream: its cached blocks serve every capture
             self._warm_stream = torch.cuda.Stream()
         s = self._warm_stream
@@ -615,7 +649,7 @@ class Engine:
         with torch.cuda.stream(s):
             tokens, pos = self.tokens_buf.clone(), self.pos_buf.clone()
             for _ in range(2):
-                self._decode(B, length, greedy)
+                self._decode_steps(B, length, steps)
                 self.tokens_buf.copy_(tokens)
                 self.pos_buf.copy_(pos)
         torch.cuda.current_stream().wait_stream(s)
@@ -623,7 +657,7 @@ class Engine:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._decode(B, length, greedy)
+            out = self._decode_steps(B, length, steps)
         return graph, out
 
 

@@ -31,6 +31,11 @@ class GPTConfig:
         return asdict(self)
 
 
+# How a decode step attends over the cache: "matmul" (batched GEMVs) or "reduce" (elementwise
+# products and sums, for torch.compile to fuse). bench/decode_variants.py measures both.
+DECODE_ATTENTION = "matmul"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -84,12 +89,20 @@ class CausalSelfAttention(nn.Module):
         H = self.n_head
         q, k, v = self.c_attn(x).view(B, 3, H, C // H).unbind(1)  # (B, H, D) each
         scale = 1.0 / math.sqrt(C // H)
-        past = (q[:, :, None, :] @ keys.transpose(-1, -2).to(q.dtype)).squeeze(2).float() * scale  # (B, H, L)
+        if DECODE_ATTENTION == "reduce":
+            # as elementwise products and sums: Inductor writes each as one Triton reduction
+            # that reads the cache once (no batched-GEMV library call per layer)
+            past = (q[:, :, None, :].float() * keys.float()).sum(-1) * scale  # (B, H, L)
+        else:
+            past = (q[:, :, None, :] @ keys.transpose(-1, -2).to(q.dtype)).squeeze(2).float() * scale
         valid = torch.arange(keys.size(2), device=x.device)[None, None, :] < pos[:, None, None]
         past = past.masked_fill(~valid, float("-inf"))
         own = (q.float() * k.float()).sum(-1, keepdim=True) * scale  # (B, H, 1): the token itself
         probs = torch.cat([past, own], dim=-1).softmax(dim=-1)
-        y = (probs[:, :, None, :-1].to(q.dtype) @ values.to(q.dtype)).squeeze(2) + probs[:, :, -1:].to(q.dtype) * v
+        if DECODE_ATTENTION == "reduce":
+            y = ((probs[:, :, :-1, None] * values.float()).sum(2) + probs[:, :, -1:] * v.float()).to(q.dtype)
+        else:
+            y = (probs[:, :, None, :-1].to(q.dtype) @ values.to(q.dtype)).squeeze(2) + probs[:, :, -1:].to(q.dtype) * v
         return self.c_proj(y.reshape(B, C)), torch.stack([k, v])
 
 

@@ -14,8 +14,9 @@ Usage:
     python bench/http_workers.py --model-path out-code-assistant --device cuda --dtype bfloat16 \\
         --workers-list 1,2,4 --clients-list 64,128,256 --rounds 3 --out bench/results/http_workers_h100.json
 
-The load generator is one Python process: past ~1000 req/s it can be the limit itself (watch its
-CPU; the JSON records the load average of every run).
+By default the load generator is one Python process: past ~1000 req/s it can be the limit itself
+(watch its CPU; the JSON records the load average of every run). --load-processes N splits each
+level's clients and requests over N processes (benchmark_api.run_sweep processes=N).
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-tokens", type=int, default=50)
     p.add_argument("--max-concurrent-sequences", type=int, default=256)
     p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--load-processes", type=int, default=1,
+                   help="load-generator processes per level (benchmark_api run_sweep processes=)")
     p.add_argument("--out", required=True, help="JSON results path (a PNG goes beside it)")
     args = p.parse_args(argv)
 
@@ -109,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     t0 = time.time()
                     row = benchmark_api.run_sweep(srv.url, [clients], max_tokens=args.max_tokens,
                                                   requests_per_level=args.requests, duration_s=args.duration,
-                                                  warmup=2, seed=r, progress=False)[0]
+                                                  warmup=2, seed=r, progress=False,
+                                                  processes=args.load_processes)[0]
                     row.update(workers=w, round=r, started=t0, loadavg=list(os.getloadavg()))
                     runs.append(row)
                     print(json.dumps({k: row.get(k) for k in ("round", "workers", "clients", *FIELDS)}), flush=True)
@@ -119,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = summarize(runs)
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
               "cpus": os.cpu_count(), "argv": sys.argv[1:] if argv is None else list(argv),
-              "settings": vars(args), "summary": summary, "runs": runs}
+              "load_processes": args.load_processes, "settings": vars(args), "summary": summary, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

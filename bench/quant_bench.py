@@ -85,6 +85,24 @@ def profile_decode(model: torch.nn.Module, tokens: int = 16, rows: int = 12) -> 
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows).splitlines()
 
 
+def profile_batch_gpu(model: torch.nn.Module, batch: int = 16, tokens: int = 32,
+                      rows: int = 15) -> dict[str, list[str]]:
+    """Where a batch's time goes on the GPU: torch.profiler's top ops by CUDA and by CPU time
+    for one generate_batch of `batch` requests (warmed up first, as measure_speed does)."""
+    engine = Engine(model, max_batch=batch, max_seq_len=min(model.config.block_size, 16 + tokens + 1))
+    prompts = [[(17 * r + 7 * i + 1) % model.config.vocab_size for i in range(16)] for r in range(batch)]
+    params = SamplingParams(max_tokens=tokens)
+    for _ in range(2):
+        engine.generate_batch(prompts, params)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        engine.generate_batch(prompts, params)
+        torch.cuda.synchronize()
+    table = prof.key_averages()
+    return {"top_cuda": table.table(sort_by="self_cuda_time_total", row_limit=rows).splitlines(),
+            "top_cpu": table.table(sort_by="self_cpu_time_total", row_limit=rows).splitlines()}
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU: trained models, int8-dynamic, sizes on disk + perplexity + speed
 
@@ -281,6 +299,9 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - start, 1),
         })
         log.info("[%s] %s", name, rows[-1])
+        if device.type == "cuda" and rows[-1]["speedup_b16"] < 1.0:
+            rows[-1]["profile_b16"] = {"bf16": profile_batch_gpu(model), "int8": profile_batch_gpu(qmodel)}
+            log.info("[%s] int8 b16 profile:\n%s", name, "\n".join(rows[-1]["profile_b16"]["int8"]["top_cuda"]))
         del model, qmodel, speed
         if device.type == "cuda":
             torch.cuda.empty_cache()

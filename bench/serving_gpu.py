@@ -80,6 +80,11 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--http-workers", type=int, default=1,
+                    help="the server's HTTP_WORKERS (HTTP processes in front of one engine)")
+    ap.add_argument("--load-processes", type=int, default=1,
+                    help="load-generator processes per sweep level (benchmark_api run_sweep processes=)")
+    ap.add_argument("--clients", default="1,8,32,64,128,256", help="server sweep: concurrent clients per level")
     ap.add_argument("--out", default="bench/results/serving_h100.json")
     args = ap.parse_args()
     device = args.device
@@ -165,6 +170,8 @@ def main() -> None:
         result[f"profile_batch{max_batch}_top_cuda"] = prof.key_averages().table(
             sort_by="self_cuda_time_total", row_limit=20)
 
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept if the server part fails
     if not args.skip_server:
         result.update(run_server_bench(model, args, device))
         result["single_stream_p50_ms"]["server"] = result["single_stream_p50_ms_server"]
@@ -226,7 +233,7 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
         prompts.append(tok.decode(tok.encode(t[i:i + 400])[: args.prompt_len]))
     env = dict(os.environ, MODEL_PATH=str(ckpt), DEVICE=device, PORT=str(port), CACHE_SIZE="0",
                MAX_CONCURRENT_SEQUENCES="256", MAX_QUEUE="1024", LOG_LEVEL="warning",
-               DTYPE="bfloat16" if device == "cuda" else "float32")
+               DTYPE="bfloat16" if device == "cuda" else "float32", HTTP_WORKERS=str(args.http_workers))
     proc = subprocess.Popen([sys.executable, "serve_api.py"], env=env,
                             cwd=Path(__file__).resolve().parent.parent)
     url = f"http://127.0.0.1:{port}"
@@ -262,11 +269,11 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
                                          requests_per_level=100, duration_s=20, progress=False,
                                          prompts=prompts)
         sweep = []
-        for clients in (1, 8, 32, 64, 128, 256):
+        for clients in (int(c) for c in args.clients.split(",") if c.strip()):
             t0 = time.time()
             row = benchmark_api.run_sweep(url, [clients], max_tokens=args.new_tokens,
                                           requests_per_level=3000, duration_s=12, progress=False,
-                                          prompts=prompts)[0]
+                                          prompts=prompts, processes=args.load_processes)[0]
             window = [x for x in samples if t0 <= x["t"] <= time.time() and x["running"] is not None]
             if window:
                 row["engine_running_mean"] = sum(x["running"] for x in window) / len(window)
@@ -276,7 +283,8 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
         stop.set()
         poller.join(5)
         return {"server_single": single, "concurrency": sweep, "engine_occupancy_samples": samples,
-                "single_stream_p50_ms_server": single[0]["p50_ms"]}
+                "single_stream_p50_ms_server": single[0]["p50_ms"],
+                "server_http_workers": args.http_workers, "load_processes": args.load_processes}
     finally:
         proc.terminate()
         proc.wait(60)

@@ -179,3 +179,23 @@ def test_duration_is_a_hard_stop(server_url: str) -> None:
     assert time.perf_counter() - t0 < 10
     assert rows[0]["stopped_by"] == "duration" and rows[0]["ok"] > 0
     assert rows[0]["errors"] == 0
+
+
+def test_split_is_even_and_larger_first() -> None:
+    assert benchmark_api.split(128, 3) == [43, 43, 42]
+    assert benchmark_api.split(16, 2) == [8, 8]
+    assert sum(benchmark_api.split(7, 4)) == 7
+
+
+def test_run_sweep_over_processes(server_url: str) -> None:
+    # two spawned load processes, 2 clients each: their samples merged into one row
+    rows = benchmark_api.run_sweep(server_url, [4], max_tokens=MAX_TOKENS, requests_per_level=16,
+                                   duration_s=20, drain_s=10, processes=2, progress=False)
+    row = rows[0]
+    assert row["processes"] == 2 and row["clients"] == 4
+    assert row["errors"] == 0, row["error_codes"]
+    assert row["ok"] >= 1 and row["ok"] + row["errors"] == row["requests"]
+    assert row["requests"] <= 16  # the bound is split over the processes, not given to each
+    assert row["requests"] == 16 and row["stopped_by"] == "requests" and row["cancelled"] == 0
+    assert row["p50_ms"] is not None and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert row["duration_s"] > 0 and row["req_per_s"] > 0

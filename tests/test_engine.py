@@ -30,12 +30,15 @@ def random_requests(n: int, seed: int, vocab: int = 192):
             for _ in range(n)]
 
 
-def test_batched_greedy_equals_each_request_alone_without_cache(model):
-    """Requests join mid-flight, have different lengths, leave at different steps."""
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_batched_greedy_equals_each_request_alone_without_cache(model, decode_steps):
+    """Requests join mid-flight, have different lengths, leave at different steps. With
+    decode_steps=4 a launch runs up to 4 steps: rows run past their max_tokens and the extra
+    tokens must be dropped, and short launches must be chosen while requests wait."""
     reqs = random_requests(14, seed=1)
     reference = [generate_without_cache(model, p, n) for p, n in reqs]
     # few slots, small chunks and prefill batches: slot reuse, chunked and batched prefill
-    engine = Engine(model, max_batch=4, prefill_chunk=8, prefill_batch=3)
+    engine = Engine(model, max_batch=4, prefill_chunk=8, prefill_batch=3, decode_steps=decode_steps)
     rng = random.Random(2)
     handles = []
     for prompt, n in reqs:
@@ -50,18 +53,21 @@ def test_batched_greedy_equals_each_request_alone_without_cache(model):
     assert engine.num_running == 0 and sorted(engine._free) == list(range(4))
 
 
-def test_generation_stops_at_the_end_of_the_context(model):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_generation_stops_at_the_end_of_the_context(model, decode_steps):
     prompt = [3] * 90
-    out = Engine(model, max_batch=2).generate(prompt, SamplingParams(max_tokens=50))
+    out = Engine(model, max_batch=2, decode_steps=decode_steps).generate(prompt, SamplingParams(max_tokens=50))
     assert len(out) == 96 - 90
     assert out == generate_without_cache(model, prompt, len(out))
 
 
-def test_stop_tokens_end_a_request(model):
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_stop_tokens_end_a_request(model, decode_steps):
     prompt = [5, 6, 7]
     ref = generate_without_cache(model, prompt, 20)
     stop = ref[4]
-    out = Engine(model, max_batch=2).generate(prompt, SamplingParams(max_tokens=20, stop_token_ids=(stop,)))
+    engine = Engine(model, max_batch=2, decode_steps=decode_steps)
+    out = engine.generate(prompt, SamplingParams(max_tokens=20, stop_token_ids=(stop,)))
     assert out == ref[: ref.index(stop) + 1]
 
 
@@ -208,3 +214,30 @@ def test_integer_sampling_params_are_accepted(model):
     engine = Engine(model, max_batch=2)
     as_ints = engine.generate([3, 4, 5], SamplingParams(max_tokens=6, temperature=0, top_p=1))
     assert as_ints == generate_without_cache(model, [3, 4, 5], 6)
+
+
+def test_greedy_launches_run_several_steps_when_nobody_waits(model):
+    """decode_steps=4: a lone 17-token request takes the prefill launch plus four launches of
+    four steps (and a trailing read-back), not 17 scheduler steps, with the same tokens."""
+    prompt = [7, 8, 9, 10]
+    ref = generate_without_cache(model, prompt, 17)
+    engine = Engine(model, max_batch=2, decode_steps=4)
+    req = engine.submit(prompt, SamplingParams(max_tokens=17))
+    steps = 0
+    while not req.finished:
+        engine.step()
+        steps += 1
+    assert req.tokens == ref
+    assert steps <= 6
+    # while a request waits for a slot, launches fall back to one step each
+    engine = Engine(model, max_batch=1, decode_steps=4)
+    first = engine.submit(prompt, SamplingParams(max_tokens=17))
+    engine.step()
+    assert engine._steps_per_launch([0], 1) == 4
+    second = engine.submit([1, 2], SamplingParams(max_tokens=3))
+    assert engine._steps_per_launch([0], 1) == 4  # no free slot: the waiting request can't join
+    while not first.finished:
+        engine.step()
+    engine.step()  # prefill gives its first token, then one launch of the 2 steps it wants
+    assert second.finished
+    assert first.tokens == ref and second.tokens == generate_without_cache(model, [1, 2], 3)

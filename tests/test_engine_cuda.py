@@ -23,12 +23,13 @@ def model() -> GPT:
     return GPT(GPTConfig(block_size=256, vocab_size=512, n_layer=3, n_head=4, n_embd=128)).cuda().eval()
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_graphed_decode_equals_no_cache_greedy(model, compile):
+@pytest.mark.parametrize("compile,decode_steps", [(False, 1), (False, 8), (True, 8)])
+def test_graphed_decode_equals_no_cache_greedy(model, compile, decode_steps):
     rng = random.Random(0)
     reqs = [([rng.randrange(512) for _ in range(rng.randint(1, 120))], rng.randint(1, 60)) for _ in range(12)]
     reference = [generate_without_cache(model, p, n) for p, n in reqs]
-    engine = Engine(model, max_batch=8, prefill_chunk=32, prefill_batch=3, compile=compile)
+    engine = Engine(model, max_batch=8, prefill_chunk=32, prefill_batch=3, compile=compile,
+                    decode_steps=decode_steps)
     engine.warmup(engine.max_seq_len)
     out = engine.generate_batch([p for p, _ in reqs[:6]], SamplingParams(max_tokens=60))
     for (p, n), got, ref in zip(reqs[:6], out, reference[:6]):
