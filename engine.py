@@ -220,14 +220,14 @@ class Engine:
         self.batch_buckets = _buckets(max_batch, 1)
         self.len_buckets = _buckets(self.max_seq_len, min(64, self.max_seq_len))
         self.compile = self.cuda_graphs if compile is None else compile
-        # Greedy decode steps per launch, at most: powers of two up to this. Per step, a launch
-        # costs the host a graph launch, a read-back and its bookkeeping, which at batch 1 is
-        # as long as the GPU's step itself; k steps per launch pay that once. Default 8 with
-        # CUDA graphs, 1 otherwise (eager CPU steps are long next to their host work).
+        # Greedy decode steps per launch: 1 or this. Per step, a launch costs the host a graph
+        # launch, a read-back and its bookkeeping, about as long as the GPU's step at batch 1;
+        # k steps per launch pay that once. Default 8 with CUDA graphs, 1 otherwise (eager CPU
+        # steps are long next to their host work). Two sizes only: each is a graph per bucket.
         steps = decode_steps if decode_steps is not None else (8 if self.cuda_graphs else 1)
         if steps < 1:
             raise ValueError("decode_steps must be >= 1")
-        self.step_buckets = _buckets(steps, 1) if steps > 1 else [1]
+        self.step_buckets = sorted({1, steps})
         # On CUDA the decode step (model.decode_step plus the greedy pick) is compiled whole,
         # then captured per bucket in CUDA graphs. Dynamic shapes: three compiles (batch 1 at
         # the first length, batch 1 at any length, batch >= 2) instead of one per bucket.
@@ -335,6 +335,7 @@ class Engine:
         """Compile and capture the decode step for every batch bucket up to length max_len, and
         run one prefill, so first requests don't pay for it."""
         length = min(max_len or self.len_buckets[0], self.max_seq_len)
+        start = time.perf_counter()
         if self.cuda_graphs:
             for lb in self.len_buckets:
                 for b in self.batch_buckets:
@@ -344,6 +345,10 @@ class Engine:
                     break
         self.generate([0] * min(8, self.max_seq_len - 1), SamplingParams(max_tokens=2))
         self._reset_slots()
+        if self.device.type == "cuda":
+            log.info("engine warm: %d CUDA graphs in %.1f s, %.2f GB of GPU memory reserved",
+                     len(self._graphs), time.perf_counter() - start,
+                     torch.cuda.memory_reserved(self.device) / 1e9)
 
     # ---- the scheduler -----------------------------------------------------------------
     def _loop(self) -> None:
@@ -527,7 +532,7 @@ class Engine:
             return 1
         want = max(self.slots[s].params.max_tokens - self.slots[s]._launched for s in rows)
         room = self.max_seq_len - max(self.pos_host[:B])
-        return max(k for k in self.step_buckets if k <= max(1, min(want, room)))
+        return max(k for k in self.step_buckets if k <= min(want, room) or k == 1)
 
     def _finish_decode(self, rows, reqs, out, event, ending) -> None:
         if event is not None:

@@ -73,7 +73,8 @@ def load_engine(cfg: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     meta = read_meta(path)
     model, tokenizer, meta = load_model(path, device, dtype)
     engine = Engine(model, max_batch=cfg["max_batch"], max_queue=cfg["max_queue"],
-                    eos_id=tokenizer.eot_id, vocab_size=tokenizer.n_vocab)
+                    eos_id=tokenizer.eot_id, vocab_size=tokenizer.n_vocab,
+                    decode_steps=cfg.get("decode_steps") or None)
     engine.warmup(engine.max_seq_len)  # on CUDA: every graph bucket before /ready says 200
     install_test_hooks(engine, cfg.get("fault_inject", ""), cfg.get("test_step_delay_ms", 0.0))
     stat = (path / "model.safetensors").stat()

@@ -130,6 +130,8 @@ def main() -> None:
     engine.warmup(args.prompt_len + n)
     result["engine_warmup_s"] = time.perf_counter() - t0
     result["engine_graphs_captured"] = len(engine._graphs)
+    if device == "cuda":
+        result["engine_memory_reserved_gb"] = round(torch.cuda.memory_reserved() / 1e9, 2)
     print(f"engine warmup {result['engine_warmup_s']:.1f} s", flush=True)
     params = SamplingParams(max_tokens=n)
     engine.generate(prompt, params)
@@ -172,6 +174,9 @@ def main() -> None:
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept if the server part fails
+    del engine  # the server's engine process needs the GPU memory
+    if device == "cuda":
+        torch.cuda.empty_cache()
     if not args.skip_server:
         result.update(run_server_bench(model, args, device))
         result["single_stream_p50_ms"]["server"] = result["single_stream_p50_ms_server"]

@@ -238,6 +238,8 @@ def test_greedy_launches_run_several_steps_when_nobody_waits(model):
     assert engine._steps_per_launch([0], 1) == 4  # no free slot: the waiting request can't join
     while not first.finished:
         engine.step()
-    engine.step()  # prefill gives its first token, then one launch of the 2 steps it wants
-    assert second.finished
+    engine.step()  # prefill gives its first token; it wants 2 more, fewer than 4: a 1-step launch
+    assert second._launched == 2
+    while not second.finished:
+        engine.step()
     assert first.tokens == ref and second.tokens == generate_without_cache(model, [1, 2], 3)
