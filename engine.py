@@ -11,8 +11,8 @@ A continuous-batching generator of token ids over a KV cache allocated once:
   captured as CUDA graphs, one per (batch bucket, length bucket, steps), and runs one launch
   ahead of the host: launch t+1 is queued before the tokens of launch t are read back, so
   host bookkeeping overlaps GPU work. A greedy launch may run several decode steps in one
-  graph (`decode_steps`) while nobody waits for a slot: one launch and one read-back per k
-  tokens instead of per token. On CPU the same code runs eagerly.
+  graph (`decode_steps`, opt-in) while nobody waits for a slot: one launch and one read-back
+  per k tokens instead of per token. On CPU the same code runs eagerly.
 - Sampling runs on the device: temperature, top-k, top-p, with Gumbel noise from a hash of
   (request seed, position, token) so a seeded request samples the same tokens whatever
   else shares its batch.
@@ -222,9 +222,11 @@ class Engine:
         self.compile = self.cuda_graphs if compile is None else compile
         # Greedy decode steps per launch: 1 or this. Per step, a launch costs the host a graph
         # launch, a read-back and its bookkeeping, about as long as the GPU's step at batch 1;
-        # k steps per launch pay that once. Default 8 with CUDA graphs, 1 otherwise (eager CPU
-        # steps are long next to their host work). Two sizes only: each is a graph per bucket.
-        steps = decode_steps if decode_steps is not None else (8 if self.cuda_graphs else 1)
+        # k steps per launch pay that once. Opt-in (default 1): on an H100, 8 took 50 tokens at
+        # batch 1 from 45.6 to 40.0 ms and batch 256 from 101k to 118k tokens/s, but warming
+        # up every bucket's 8-step graph took 200+ s instead of ~45 s and 14 GB of graph memory
+        # (bench/results/decode_variants_h100.json, serving_h100.json's notes).
+        steps = decode_steps if decode_steps is not None else 1
         if steps < 1:
             raise ValueError("decode_steps must be >= 1")
         self.step_buckets = sorted({1, steps})

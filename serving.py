@@ -88,8 +88,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_concurrent_sequences: int = Field(8, ge=1, le=4096)
     max_queue: int = Field(64, ge=0, le=1_000_000)
-    # greedy decode steps per CUDA-graph launch while no request waits for a slot (engine.py);
-    # 0 is the engine's default (8 with CUDA graphs, 1 on CPU)
+    # greedy decode steps per CUDA-graph launch while no request waits for a slot (engine.py's
+    # decode_steps: faster decode, much slower warm-up); 0 is the engine's default, 1
     decode_steps: int = Field(0, ge=0, le=64)
     max_prompt_tokens: int = Field(2048, ge=8)
     request_timeout_s: float = Field(60.0, gt=0, le=86400)
