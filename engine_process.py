@@ -141,12 +141,14 @@ def readable_poller(conn: Connection) -> select.poll:
 
 
 def timings(r: Any) -> tuple[float | None, float | None, float | None]:
-    """(queue_s, ttft_s, tpot_s) of a finished engine Request; None where never reached."""
-    queue = r.scheduled_time - r.arrival_time if r.scheduled_time is not None else None
-    ttft = r.first_token_time - r.arrival_time if r.first_token_time is not None else None
+    """(queue_s, ttft_s, tpot_s) of a finished engine Request; None where never reached.
+    Never negative: the stamps come from two threads, and a virtual machine's monotonic clock
+    can step back slightly between CPUs."""
+    queue = max(0.0, r.scheduled_time - r.arrival_time) if r.scheduled_time is not None else None
+    ttft = max(0.0, r.first_token_time - r.arrival_time) if r.first_token_time is not None else None
     tpot = None
     if r.first_token_time is not None and r.finish_time is not None and len(r.tokens) > 1:
-        tpot = (r.finish_time - r.first_token_time) / (len(r.tokens) - 1)
+        tpot = max(0.0, r.finish_time - r.first_token_time) / (len(r.tokens) - 1)
     return queue, ttft, tpot
 
 

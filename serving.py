@@ -54,6 +54,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizer import TokenizerLike
 
 log = logging.getLogger("code_assistant.serving")
+
+
+def elapsed_since(t0: float) -> float:
+    """Seconds since perf_counter() read t0, never negative: some virtual machines' monotonic
+    clock steps back by a millisecond or two between CPUs, and a latency must not."""
+    return max(0.0, time.perf_counter() - t0)
+
 access_log = logging.getLogger("code_assistant.access")
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -1382,7 +1389,7 @@ class RequestContextMiddleware:
                 await respond(500, _internal_error(rid))
         finally:
             status = status_box["status"]
-            elapsed = time.perf_counter() - t0
+            elapsed = elapsed_since(t0)
             st = scope["state"]
             state.metrics.observe_request(status, endpoint, elapsed)
             if endpoint in ("/complete", "/v1/completions"):
@@ -1682,7 +1689,7 @@ def create_app(backend_factory: BackendFactory, settings: Settings | None = None
         _record(request, result)
         request.scope["state"]["cached"] = result.cached
         return CompleteResponse(completion=result.text, tokens=result.completion_tokens,
-                                latency_ms=round((time.perf_counter() - t0) * 1000, 2))
+                                latency_ms=round(elapsed_since(t0) * 1000, 2))
 
     stream_doc = {200: {"description": "the completion; with stream=true, server-sent events ending in "
                                        "'data: [DONE]'",

@@ -114,6 +114,7 @@ def main() -> None:
         result["targets"] = check_targets(result)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
         print(json.dumps({k: v for k, v in result.items() if k not in ("engine_occupancy_samples",)}, indent=2))
         return
 
@@ -196,6 +197,7 @@ def main() -> None:
     result["targets"] = check_targets(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=2))
 
 
@@ -299,6 +301,8 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
                 row["engine_running_max"] = max(x["running"] for x in window)
                 row["engine_waiting_max"] = max(x["waiting"] for x in window)
             sweep.append(row)
+            # each level as it ends: a run stopped at a time limit still leaves what it measured
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(sweep, indent=2) + "\n")
         stop.set()
         poller.join(5)
         return {"server_single": single, "concurrency": sweep, "engine_occupancy_samples": samples,

@@ -139,3 +139,22 @@ def test_api_keys_from_env_and_file(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     s = load_settings()
     assert len(s.api_key_hashes()) == 3
     assert "env-key" not in repr(s.api_key_hashes())
+
+
+def test_latencies_are_never_negative_when_the_clock_steps_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI once answered latency_ms=-1.64: a VM's monotonic clock stepped back between CPUs."""
+    import time
+
+    from engine_process import timings
+    from serving import elapsed_since
+
+    monkeypatch.setattr(time, "perf_counter", lambda: 99.998)
+    assert elapsed_since(100.0) == 0.0
+    monkeypatch.undo()
+    assert elapsed_since(time.perf_counter() - 0.5) >= 0.5
+
+    class Stamped:  # an engine Request whose stamps came from two threads
+        arrival_time, scheduled_time, first_token_time, finish_time = 10.0, 9.999, 9.998, 9.9
+        tokens = [1, 2, 3]
+
+    assert timings(Stamped()) == (0.0, 0.0, 0.0)
