@@ -37,6 +37,7 @@ import pickle
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from multiprocessing.connection import Connection
@@ -155,7 +156,8 @@ def timings(r: Any) -> tuple[float | None, float | None, float | None]:
 class _Client:
     """One HTTP process's connection: request ids are its own, and so are the outputs for them."""
 
-    __slots__ = ("inbox", "outbox", "owner", "requests", "tokens", "finished", "last_stats")
+    __slots__ = ("inbox", "outbox", "owner", "requests", "tokens", "finished", "last_stats",
+                 "unsent", "stalled_since")
 
     def __init__(self, inbox: Connection, outbox: Connection, owner: bool) -> None:
         self.inbox = inbox
@@ -165,6 +167,8 @@ class _Client:
         self.tokens: dict[int, list[int]] = {}  # this step's new tokens per request id
         self.finished: list[tuple] = []
         self.last_stats: tuple | None = None
+        self.unsent = bytearray()  # framed messages its socket had no room for yet
+        self.stalled_since = 0.0  # when it last took bytes while some were waiting
 
 
 class _Stop(Exception):
@@ -175,7 +179,7 @@ class _Worker:
     """The child's side: engine requests keyed by (connection, request id), outputs per step to
     the connection that owns them, stats to every connection."""
 
-    def __init__(self, engine: Any, info: dict[str, Any]) -> None:
+    def __init__(self, engine: Any, info: dict[str, Any], unread_timeout_s: float = 30.0) -> None:
         from engine import EngineDead, QueueFull, SamplingParams
 
         self.engine = engine
@@ -183,6 +187,12 @@ class _Worker:
         self._params = SamplingParams
         self._rejected = (EngineDead, QueueFull, ValueError)
         self.clients: dict[int, _Client] = {}  # by the fd of their inbox
+        self._writers: dict[int, _Client] = {}  # by the fd of their outbox, while it has unsent bytes
+        # Sends never block the engine: one HTTP worker that stops reading (stopped, swapped
+        # out, stuck) would otherwise stall every other worker's requests once its socket buffer
+        # fills. Its messages wait here instead; past this many seconds without it taking any,
+        # it is disconnected (its requests cancelled), and it restarts itself.
+        self.unread_timeout_s = unread_timeout_s
         self._control: Connection | None = None
         self._listener: socket.socket | None = None
         self._poller = select.poll()
@@ -192,7 +202,45 @@ class _Worker:
         c = _Client(inbox, outbox, owner)
         self.clients[inbox.fileno()] = c
         self._poller.register(inbox.fileno(), select.POLLIN)
+        os.set_blocking(outbox.fileno(), False)
         return c
+
+    def send(self, c: _Client, data: bytes) -> None:
+        """One message to `c` (multiprocessing.connection's framing), without blocking."""
+        frame = struct.pack("!i", len(data)) + data
+        if c.unsent:
+            c.unsent += frame
+            if not c.owner and time.monotonic() - c.stalled_since > self.unread_timeout_s:
+                log.warning("HTTP worker stopped reading: disconnected",
+                            extra={"unsent_bytes": len(c.unsent), "unread_timeout_s": self.unread_timeout_s})
+                self.drop(c)
+            return
+        try:
+            sent = os.write(c.outbox.fileno(), frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # BrokenPipeError, ConnectionResetError: that HTTP process is gone
+            self.drop(c)
+            return
+        if sent < len(frame):
+            c.unsent += frame[sent:]
+            c.stalled_since = time.monotonic()
+            self._writers[c.outbox.fileno()] = c
+            self._poller.register(c.outbox.fileno(), select.POLLOUT)
+
+    def _write_unsent(self, c: _Client) -> None:
+        try:
+            sent = os.write(c.outbox.fileno(), c.unsent)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.drop(c)
+            return
+        del c.unsent[:sent]
+        c.stalled_since = time.monotonic()
+        if not c.unsent:
+            self._poller.unregister(c.outbox.fileno())
+            del self._writers[c.outbox.fileno()]
 
     def listen(self, control: Connection, listener: socket.socket) -> None:
         """Several HTTP processes: each connects to `listener`; `control` closing stops the engine."""
@@ -219,11 +267,10 @@ class _Worker:
             log.warning("engine socket: a connection without its two sockets was dropped")
             return
         c = self.add_client(Connection(fds[0], writable=False), Connection(fds[1], readable=False))
-        try:
-            c.outbox.send_bytes(pickle.dumps(("ready", self.info), PICKLE))
-        except OSError:
-            self.drop(c)
-            return
+        fd = c.inbox.fileno()
+        self.send(c, pickle.dumps(("ready", self.info), PICKLE))
+        if self.clients.get(fd) is not c:
+            return  # gone already
         log.info("HTTP worker connected", extra={"connections": len(self.clients)})
 
     def drop(self, c: _Client) -> None:
@@ -233,6 +280,8 @@ class _Worker:
         if c.owner:
             raise _Stop
         self._poller.unregister(c.inbox.fileno())
+        if self._writers.pop(c.outbox.fileno(), None) is not None:
+            self._poller.unregister(c.outbox.fileno())
         for r in list(c.requests.values()):
             r.cancel()
         n = len(c.requests)
@@ -240,7 +289,11 @@ class _Worker:
         c.outbox.close()
         log.info("HTTP worker disconnected", extra={"cancelled": n, "connections": len(self.clients)})
 
-    def _on_readable(self, fd: int) -> None:
+    def _on_event(self, fd: int) -> None:
+        writer = self._writers.get(fd)
+        if writer is not None:
+            self._write_unsent(writer)
+            return
         if self._control is not None and fd == self._control.fileno():
             try:
                 self._control.recv_bytes()  # nothing is sent on it: only its end matters
@@ -308,10 +361,7 @@ class _Worker:
             c.tokens.clear()  # cleared, not replaced: the requests' on_token closures hold it
             c.finished = []
             c.last_stats = stats
-            try:
-                c.outbox.send_bytes(pickle.dumps(msg, PICKLE))
-            except OSError:  # BrokenPipeError, ConnectionResetError: that HTTP process is gone
-                self.drop(c)
+            self.send(c, pickle.dumps(msg, PICKLE))
 
     def run(self) -> None:
         engine, poller = self.engine, self._poller
@@ -323,7 +373,7 @@ class _Worker:
                 if not events:
                     break
                 for fd, _ in events:
-                    self._on_readable(fd)
+                    self._on_event(fd)
                 timeout = 0
             if engine.has_work():
                 engine.step()  # on_step_end sends its outputs
@@ -362,12 +412,12 @@ def serve(inbox: Connection, outbox: Connection, listen: str | None = None) -> i
         return 1
     info["pid"] = os.getpid()
     log.info("engine process started", extra=info)
-    worker = _Worker(engine, info)
+    worker = _Worker(engine, info, cfg.get("unread_timeout_s", 30.0))
     if listener is not None:
         worker.listen(inbox, listener)
+        outbox.send_bytes(pickle.dumps(("ready", info), PICKLE))
     else:
-        worker.add_client(inbox, outbox, owner=True)
-    outbox.send_bytes(pickle.dumps(("ready", info), PICKLE))
+        worker.send(worker.add_client(inbox, outbox, owner=True), pickle.dumps(("ready", info), PICKLE))
     try:
         worker.run()
     except (_Stop, EOFError, BrokenPipeError, ConnectionResetError):

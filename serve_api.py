@@ -137,7 +137,7 @@ def _engine_config(s: Settings) -> dict[str, Any]:
     """What engine_process.load_engine needs from the settings, as plain (picklable) values."""
     return {"model_path": s.model_path, "model_name": s.model_name, "device": s.device, "dtype": s.dtype,
             "max_batch": s.max_concurrent_sequences, "max_queue": s.max_queue, "log_level": s.log_level,
-            "decode_steps": s.decode_steps,
+            "decode_steps": s.decode_steps, "unread_timeout_s": s.engine_unread_timeout_s,
             "fault_inject": s.fault_inject, "test_step_delay_ms": s.test_step_delay_ms}
 
 
@@ -470,6 +470,12 @@ class EngineProcessBackend:
         if not self._wbuf:
             self._loop.remove_writer(self._wsock.fileno())
 
+    def on_loaded(self) -> None:
+        """On the event loop, once load() returned (serving._load): read the engine's messages
+        from now on, requests or not."""
+        if not self._reading:
+            self._start_reading()
+
     def _start_reading(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -517,6 +523,12 @@ class EngineProcessBackend:
             log.error("the engine process exited unexpectedly",
                       extra={"exit_code": self._proc.poll() if self._proc is not None else None,
                              "in_flight": len(self._gens)})
+            if self._proc is None:
+                # A worker of several: the shared engine dropped us (we stopped reading for
+                # ENGINE_UNREAD_TIMEOUT_S) or is gone. Stop, drained as on SIGTERM: the
+                # supervisor starts a fresh worker while the engine lives, instead of this one
+                # answering 503 to its share of the port.
+                os.kill(os.getpid(), signal.SIGTERM)
         gens, self._gens = self._gens, {}
         for g in gens.values():
             g.finish(reason, g.timings())

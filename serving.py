@@ -64,6 +64,9 @@ def elapsed_since(t0: float) -> float:
 access_log = logging.getLogger("code_assistant.access")
 
 MAX_BODY_BYTES = 1024 * 1024
+# An over-long body is still read (and dropped) up to this size before the 413: a client that
+# is still sending when the connection closes gets a reset instead of the answer.
+DISCARD_BODY_BYTES = 8 * MAX_BODY_BYTES
 MAX_PROMPT_CHARS = 500_000  # well under the body cap; the engine keeps only the text nearest the cursor
 MAX_STOP_CHARS = 256
 INLINE_TOKENIZE_CHARS = 2048  # prompts up to this long are tokenized on the event loop (~0.2 ms)
@@ -116,6 +119,9 @@ class Settings(BaseSettings):
     # N > 1 (serve_api.py only, needs ENGINE_PROCESS=1): N HTTP worker processes share the port and
     # one engine process; admission, rate limit and the in-process cache are split per worker.
     http_workers: int = Field(1, ge=1, le=64)
+    # HTTP_WORKERS > 1: a worker that takes none of the engine's messages for this long is
+    # disconnected (its requests fail, it restarts) so it cannot stall the others
+    engine_unread_timeout_s: float = Field(30.0, gt=0, le=3600)
     # ---- set by serve_api.py's supervisor for its workers (HTTP_WORKERS > 1), never by hand: the
     # engine's Unix socket and the inherited listening socket's file descriptor.
     engine_socket: str = Field("", validation_alias="CODE_ASSISTANT_ENGINE_SOCKET")
@@ -397,6 +403,15 @@ class APIError(Exception):
         self.code = code
         self.headers = headers or {}
 
+
+
+async def _discard_body(receive: Callable, message: dict, size: int = 0) -> None:
+    """Read the rest of a request body and drop it, up to DISCARD_BODY_BYTES in all."""
+    while message.get("more_body", False) and size <= DISCARD_BODY_BYTES:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
 
 def error_body(status: int, message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
@@ -1420,6 +1435,8 @@ class RequestContextMiddleware:
                 await respond(400, error_body(400, "invalid Content-Length", "invalid_request_error", "body"))
                 return None
             if int(length) > MAX_BODY_BYTES:
+                if int(length) <= DISCARD_BODY_BYTES:
+                    await _discard_body(receive, {"more_body": True})
                 await respond(413, too_big, {"Connection": "close"})
                 return None
         chunks, size = [], 0
@@ -1430,6 +1447,7 @@ class RequestContextMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > MAX_BODY_BYTES:  # a chunked or lying client: count what actually arrives
+                await _discard_body(receive, message, size)
                 await respond(413, too_big, {"Connection": "close"})
                 return None
             chunks.append(chunk)
@@ -1807,6 +1825,12 @@ async def _load(app: FastAPI, state: ServingState) -> None:
         if state.server is not None:
             state.server.should_exit = True
         return
+    # Backends that take their outputs on this event loop start listening now, not at their
+    # first request: a shared engine sends every HTTP worker its stats, and a worker that never
+    # read them would fill its socket.
+    on_loaded = getattr(state.backend, "on_loaded", None)
+    if on_loaded is not None:
+        on_loaded()
     state.loaded = True
     state.metrics.refresh()
     # Everything built so far (app, routes, schemas, tokenizer) lives as long as the process:

@@ -4,7 +4,7 @@ Real processes throughout: `python serve_api.py` with HTTP_WORKERS=2 on the tiny
 Checked here: answers come from both workers and equal a single server's greedy output; one
 engine process only; /metrics from any worker counts every worker's requests; the admission
 bound still answers 429 (split per worker); a SIGKILLed worker leaves the engine serving the
-other (and is restarted); SIGTERM drains every worker and exits 0 with no process left behind,
+other (and is restarted), and a stopped one cannot stall the other; SIGTERM drains every worker and exits 0 with no process left behind,
 and a killed supervisor leaves none either; bad HTTP_WORKERS values stop the start (exit 2).
 """
 from __future__ import annotations
@@ -178,6 +178,46 @@ def test_killed_worker_leaves_the_engine_serving(two: ServerProcess) -> None:
     after = metric_value(text, "code_completion_requests_total", {"endpoint": "/complete", "status": "200"})
     assert after == before + len(results)
     assert "worker exited" in two.logs() and "HTTP worker disconnected" in two.logs()
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_cannot_stall_the_other(ckpt: Path) -> None:
+    """SIGSTOP one worker while the other serves a steady load. The engine keeps sending it
+    stats; once its socket buffer is full the engine must not block on it (every request would
+    stall), but hold its messages and, after ENGINE_UNREAD_TIMEOUT_S, disconnect it. Woken
+    again, it finds its engine connection gone and stops; the supervisor starts a fresh one."""
+    env = {"HTTP_WORKERS": "2", "MAX_CONCURRENT_SEQUENCES": "8", "MAX_QUEUE": "16", "CACHE_SIZE": "0",
+           "ENGINE_UNREAD_TIMEOUT_S": "2"}
+    with ServerProcess(ckpt, env) as srv:
+        assert wait_for(lambda: len(workers(srv)) == 2, 10.0)
+        frozen = workers(srv)[0]
+        os.kill(frozen, signal.SIGSTOP)  # it accepts nothing now: every new connection goes to the other
+        answered: list[float] = []
+        failed: list[str] = []
+        deadline = time.monotonic() + 40
+
+        def load() -> None:
+            with httpx.Client(timeout=5) as c:
+                while time.monotonic() < deadline and "HTTP worker stopped reading" not in srv.logs():
+                    try:
+                        r = c.post(srv.url + "/complete", json={"code": PROMPTS[0], "max_tokens": 16, "temperature": 0})
+                        (answered.append(time.monotonic()) if r.status_code == 200 else failed.append(str(r.status_code)))
+                    except httpx.HTTPError as e:
+                        failed.append(type(e).__name__)
+
+        try:
+            in_parallel(load, [()] * 6)
+            assert "HTTP worker stopped reading: disconnected" in srv.logs(), "its socket buffer never filled"
+            # the other worker answered throughout: no request failed, no pause longer than a timeout
+            assert not failed, failed[:5]
+            gaps = [b - a for a, b in zip(answered, answered[1:])]
+            assert answered and max(gaps, default=0) < 4.0, max(gaps)
+        finally:
+            os.kill(frozen, signal.SIGCONT)
+        assert wait_for(lambda: not alive(frozen), 20.0), "the dropped worker did not stop"
+        assert wait_for(lambda: len(workers(srv)) == 2, 15.0), "the supervisor did not start a new worker"
+        results = in_parallel(complete, [(srv.url, p) for p in PROMPTS])
+        assert [r.status_code for r in results] == [200] * len(results)
 
 
 @pytest.mark.slow
