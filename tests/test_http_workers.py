@@ -207,11 +207,12 @@ def test_a_stopped_worker_cannot_stall_the_other(ckpt: Path) -> None:
 
         try:
             in_parallel(load, [()] * 6)
-            assert "HTTP worker stopped reading: disconnected" in srv.logs(), "its socket buffer never filled"
-            # the other worker answered throughout: no request failed, no pause longer than a timeout
+            # the other worker answered throughout: no request failed, no long pause (with the
+            # engine blocked on the stopped worker's socket these become 429s and timeouts)
             assert not failed, failed[:5]
             gaps = [b - a for a, b in zip(answered, answered[1:])]
             assert answered and max(gaps, default=0) < 4.0, max(gaps)
+            assert "HTTP worker stopped reading: disconnected" in srv.logs(), "its socket buffer never filled"
         finally:
             os.kill(frozen, signal.SIGCONT)
         assert wait_for(lambda: not alive(frozen), 20.0), "the dropped worker did not stop"
