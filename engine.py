@@ -623,6 +623,8 @@ class Engine:
         one step returning logits, for sampling."""
         if steps == 0:
             return self._decode(B, length, greedy=False)
+        if steps == 1:
+            return self._decode(B, length, greedy=True)[None]  # a view: no copy kernel per step
         return torch.stack([self._decode(B, length, greedy=True) for _ in range(steps)])
 
     def _advance(self, B: int, nxt: torch.Tensor) -> None:
