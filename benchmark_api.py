@@ -387,8 +387,14 @@ async def _run_level(target: Target, clients: int, prompts: Sequence[str], reque
                                             drain_s, seed, offset, bar)
     if bar is not None:
         bar.close()
+    return _level_row(target, clients, requests, samples, issued, elapsed, processes=1)
+
+
+def _level_row(target: Target, clients: int, requests: int, samples: list[Sample], issued: int,
+               elapsed: float, processes: int) -> dict:
     row = summarize(clients, samples, elapsed, issued - len(samples), target.stream)
     row["stopped_by"] = "requests" if issued >= requests else "duration"
+    row["processes"] = processes
     return row
 
 
@@ -457,10 +463,7 @@ def _run_level_processes(target: Target, clients: int, prompts: Sequence[str], r
     samples = [s for out in outs.values() for s in out[0]]
     issued = sum(out[1] for out in outs.values())
     elapsed = max(out[2] for out in outs.values())  # they started together: the longest is the level
-    row = summarize(clients, samples, elapsed, issued - len(samples), target.stream)
-    row["stopped_by"] = "requests" if issued >= requests else "duration"
-    row["processes"] = n
-    return row
+    return _level_row(target, clients, requests, samples, issued, elapsed, processes=n)
 
 
 async def _warmup(target: Target, prompts: Sequence[str], n: int) -> None:
@@ -502,7 +505,6 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
         if min(processes, int(clients)) == 1:
             row = asyncio.run(_run_level(target, int(clients), prompts, requests_per_level,
                                          duration_s, drain_s, seed, progress, offset))
-            row["processes"] = 1
             level_prompts = row["requests"] + row["cancelled"]
         else:
             row = _run_level_processes(target, int(clients), prompts, requests_per_level,

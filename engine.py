@@ -180,7 +180,7 @@ class Engine:
                  max_queue: int = 256, prefill_chunk: int = 256, prefill_batch: int = 32,
                  eos_id: int | None = None, vocab_size: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | None = None,
-                 decode_steps: int | None = None, max_consecutive_errors: int = 3):
+                 decode_steps: int = 1, max_consecutive_errors: int = 3):
         self.model = model.eval()
         cfg = model.config
         self.device = model.transformer.wte.weight.device
@@ -226,10 +226,9 @@ class Engine:
         # batch 1 from 45.6 to 40.0 ms and batch 256 from 101k to 118k tokens/s, but warming
         # up every bucket's 8-step graph took 200+ s instead of ~45 s and 14 GB of graph memory
         # (bench/results/decode_variants_h100.json, serving_h100.json's notes).
-        steps = decode_steps if decode_steps is not None else 1
-        if steps < 1:
+        if decode_steps < 1:
             raise ValueError("decode_steps must be >= 1")
-        self.step_buckets = sorted({1, steps})
+        self.step_buckets = sorted({1, decode_steps})
         # On CUDA the decode step (model.decode_step plus the greedy pick) is compiled whole,
         # then captured per bucket in CUDA graphs. Dynamic shapes: three compiles (batch 1 at
         # the first length, batch 1 at any length, batch >= 2) instead of one per bucket.

@@ -75,7 +75,7 @@ def load_engine(cfg: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     model, tokenizer, meta = load_model(path, device, dtype)
     engine = Engine(model, max_batch=cfg["max_batch"], max_queue=cfg["max_queue"],
                     eos_id=tokenizer.eot_id, vocab_size=tokenizer.n_vocab,
-                    decode_steps=cfg.get("decode_steps") or None)
+                    decode_steps=cfg.get("decode_steps", 1))
     engine.warmup(engine.max_seq_len)  # on CUDA: every graph bucket before /ready says 200
     install_test_hooks(engine, cfg.get("fault_inject", ""), cfg.get("test_step_delay_ms", 0.0))
     stat = (path / "model.safetensors").stat()
@@ -139,6 +139,12 @@ def readable_poller(conn: Connection) -> select.poll:
     p = select.poll()
     p.register(conn.fileno(), select.POLLIN)
     return p
+
+
+def frame(data: bytes) -> bytes:
+    """multiprocessing.connection's framing (a 4-byte big-endian length): what
+    Connection.recv_bytes reads, written here with plain socket writes that need not block."""
+    return struct.pack("!i", len(data)) + data
 
 
 def timings(r: Any) -> tuple[float | None, float | None, float | None]:
@@ -207,23 +213,23 @@ class _Worker:
 
     def send(self, c: _Client, data: bytes) -> None:
         """One message to `c` (multiprocessing.connection's framing), without blocking."""
-        frame = struct.pack("!i", len(data)) + data
+        framed = frame(data)
         if c.unsent:
-            c.unsent += frame
+            c.unsent += framed
             if not c.owner and time.monotonic() - c.stalled_since > self.unread_timeout_s:
                 log.warning("HTTP worker stopped reading: disconnected",
                             extra={"unsent_bytes": len(c.unsent), "unread_timeout_s": self.unread_timeout_s})
                 self.drop(c)
             return
         try:
-            sent = os.write(c.outbox.fileno(), frame)
+            sent = os.write(c.outbox.fileno(), framed)
         except BlockingIOError:
             sent = 0
         except OSError:  # BrokenPipeError, ConnectionResetError: that HTTP process is gone
             self.drop(c)
             return
-        if sent < len(frame):
-            c.unsent += frame[sent:]
+        if sent < len(framed):
+            c.unsent += framed[sent:]
             c.stalled_since = time.monotonic()
             self._writers[c.outbox.fileno()] = c
             self._poller.register(c.outbox.fileno(), select.POLLOUT)

@@ -45,7 +45,6 @@ import pickle
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 
-from engine_process import load_engine, memory_used_bytes, readable_poller, timings
+from engine_process import frame, load_engine, memory_used_bytes, readable_poller, timings
 from serving import (Backend, BackendUnavailable, GenerationParams, GenerationTimings, Overloaded, Settings,
                      SettingsError, Tokenizer, TokenStream, create_app, load_settings, per_worker, run_server)
 from tokenizer import build_prompt, load_tokenizer
@@ -320,7 +319,7 @@ class EngineProcessBackend:
             _, to_engine, self._rconn = _engine_channel(functools.partial(_hand_over, shared))
         else:
             self._proc, to_engine, self._rconn = _engine_channel(_spawn_engine)
-            to_engine.sendall(_frame(pickle.dumps(_engine_config(self.settings))))
+            to_engine.sendall(frame(pickle.dumps(_engine_config(self.settings))))
         self._wsock = to_engine
         to_engine.setblocking(False)
         payload = _engine_ready(self._rconn, self._proc)
@@ -445,18 +444,18 @@ class EngineProcessBackend:
         ops, self._ops = self._ops, []
         if not ops:
             return
-        frame = _frame(pickle.dumps(ops, pickle.HIGHEST_PROTOCOL))
+        framed = frame(pickle.dumps(ops, pickle.HIGHEST_PROTOCOL))
         if self._wbuf:  # still draining an earlier message: keep the order
-            self._wbuf += frame
+            self._wbuf += framed
             return
         try:
-            sent = self._wsock.send(frame)
+            sent = self._wsock.send(framed)
         except BlockingIOError:
             sent = 0
         except OSError:
             return  # the engine process is gone; the reader sees the EOF and fails requests
-        if sent < len(frame):
-            self._wbuf += frame[sent:]
+        if sent < len(framed):
+            self._wbuf += framed[sent:]
             self._loop.add_writer(self._wsock.fileno(), self._drain)
 
     def _drain(self) -> None:
@@ -580,11 +579,6 @@ def _engine_ready(reader: Connection, proc: subprocess.Popen | None) -> dict[str
     return payload
 
 
-def _frame(data: bytes) -> bytes:
-    """multiprocessing.connection's framing (a 4-byte big-endian length), which the engine reads."""
-    return struct.pack("!i", len(data)) + data
-
-
 def engine_backend(settings: Settings) -> Backend:
     """The backend factory create_app calls; the model loads later, in the lifespan."""
     return EngineProcessBackend(settings) if settings.engine_process else EngineBackend(settings)
@@ -684,7 +678,7 @@ class Supervisor:
             functools.partial(_spawn_engine, listen=self.engine_socket))
         # the engine's own bound must hold every worker's share (each rounded up)
         cfg = {**_engine_config(s), "max_queue": self.n * per_worker(s.max_concurrent_sequences + s.max_queue, self.n)}
-        self.control.sendall(_frame(pickle.dumps(cfg)))
+        self.control.sendall(frame(pickle.dumps(cfg)))
         try:
             payload = _engine_ready(reader, self.engine)
         finally:

@@ -54,13 +54,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenizer import TokenizerLike
 
 log = logging.getLogger("code_assistant.serving")
-
-
-def elapsed_since(t0: float) -> float:
-    """Seconds since perf_counter() read t0, never negative: some virtual machines' monotonic
-    clock steps back by a millisecond or two between CPUs, and a latency must not."""
-    return max(0.0, time.perf_counter() - t0)
-
 access_log = logging.getLogger("code_assistant.access")
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -99,8 +92,8 @@ class Settings(BaseSettings):
     max_concurrent_sequences: int = Field(8, ge=1, le=4096)
     max_queue: int = Field(64, ge=0, le=1_000_000)
     # greedy decode steps per CUDA-graph launch while no request waits for a slot (engine.py's
-    # decode_steps: faster decode, much slower warm-up); 0 is the engine's default, 1
-    decode_steps: int = Field(0, ge=0, le=64)
+    # decode_steps: faster decode, much slower warm-up)
+    decode_steps: int = Field(1, ge=1, le=64)
     max_prompt_tokens: int = Field(2048, ge=8)
     request_timeout_s: float = Field(60.0, gt=0, le=86400)
     api_keys: str = ""  # comma-separated; never logged
@@ -404,6 +397,11 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def elapsed_since(t0: float) -> float:
+    """Seconds since perf_counter() read t0, never negative: some virtual machines' monotonic
+    clock steps back by a millisecond or two between CPUs, and a latency must not."""
+    return max(0.0, time.perf_counter() - t0)
+
 
 async def _discard_body(receive: Callable, message: dict, size: int = 0) -> None:
     """Read the rest of a request body and drop it, up to DISCARD_BODY_BYTES in all."""
@@ -412,6 +410,7 @@ async def _discard_body(receive: Callable, message: dict, size: int = 0) -> None
         if message["type"] == "http.disconnect":
             return
         size += len(message.get("body", b""))
+
 
 def error_body(status: int, message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

@@ -61,6 +61,32 @@ def graph_costs(engine: Engine, batch: int, length: int, replays: int = 200) -> 
             "graph_launch_us": round(statistics.median(launch) * 1e6, 1)}
 
 
+def measure_variant(model: GPT, prompt: list[int], big: list[list[int]], attention: str, steps: int,
+                    args: argparse.Namespace) -> dict:
+    """One engine variant, compiled afresh: its row of the results."""
+    params = SamplingParams(max_tokens=50)
+    torch._dynamo.reset()
+    model_module.DECODE_ATTENTION = attention
+    t0 = time.perf_counter()
+    engine = Engine(model, max_batch=args.big_batch, max_seq_len=256, max_queue=4 * args.big_batch,
+                    prefill_batch=args.big_batch, decode_steps=steps)
+    for _ in range(2):  # compile and capture what the runs below use (no full warmup: time)
+        engine.generate(prompt, params)
+        engine.generate_batch(big, params)
+    row = {"attention": attention, "decode_steps": steps,
+           "compile_and_capture_s": round(time.perf_counter() - t0, 1)}
+    b1 = timed_ms(lambda: engine.generate(prompt, params), args.runs)
+    row["engine_b1_p50_ms"] = round(statistics.median(b1), 2)
+    bb = timed_ms(lambda: engine.generate_batch(big, params), 3)
+    row[f"engine_b{args.big_batch}_ms"] = round(statistics.median(bb), 2)
+    row[f"engine_b{args.big_batch}_tokens_per_s"] = round(args.big_batch * 50 / statistics.median(bb) * 1000)
+    for b in (1, args.big_batch):
+        row[f"b{b}"] = graph_costs(engine, b, 128)
+    engine._reset_slots()
+    row["graphs_captured"] = len(engine._graphs)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="matmul:1,matmul:8,reduce:1,reduce:8",
@@ -75,36 +101,16 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size - 64, (64,), generator=g).tolist()
     big = [torch.randint(0, cfg.vocab_size - 64, (64,), generator=g).tolist() for _ in range(args.big_batch)]
-    params = SamplingParams(max_tokens=50)
     result = {"device": torch.cuda.get_device_name(),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
               "shape": "124M", "dtype": "bfloat16", "prompt_tokens": 64, "new_tokens": 50, "variants": []}
     for spec in args.variants.split(","):
         attention, steps = spec.split(":")
-        torch._dynamo.reset()
-        model_module.DECODE_ATTENTION = attention
-        t0 = time.perf_counter()
-        engine = Engine(model, max_batch=args.big_batch, max_seq_len=256, max_queue=4 * args.big_batch,
-                        prefill_batch=args.big_batch, decode_steps=int(steps))
-        for _ in range(2):  # compile and capture what the runs below use (no full warmup: time)
-            engine.generate(prompt, params)
-            engine.generate_batch(big, params)
-        row = {"attention": attention, "decode_steps": int(steps),
-               "compile_and_capture_s": round(time.perf_counter() - t0, 1)}
-        b1 = timed_ms(lambda: engine.generate(prompt, params), args.runs)
-        row["engine_b1_p50_ms"] = round(statistics.median(b1), 2)
-        bb = timed_ms(lambda: engine.generate_batch(big, params), 3)
-        row[f"engine_b{args.big_batch}_ms"] = round(statistics.median(bb), 2)
-        row[f"engine_b{args.big_batch}_tokens_per_s"] = round(args.big_batch * 50 / statistics.median(bb) * 1000)
-        for b in (1, args.big_batch):
-            row[f"b{b}"] = graph_costs(engine, b, 128)
-        engine._reset_slots()
-        row["graphs_captured"] = len(engine._graphs)
+        row = measure_variant(model, prompt, big, attention, int(steps), args)
         print(json.dumps(row), flush=True)
         result["variants"].append(row)
-        del engine
-        torch.cuda.empty_cache()
+        torch.cuda.empty_cache()  # the variant's engine went with measure_variant's frame
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -85,12 +85,14 @@ def main() -> None:
     ap.add_argument("--load-processes", type=int, default=1,
                     help="load-generator processes per sweep level (benchmark_api run_sweep processes=)")
     ap.add_argument("--clients", default="1,8,32,64,128,256", help="server sweep: concurrent clients per level")
-    ap.add_argument("--decode-steps", type=int, default=0,
-                    help="engine decode_steps, for the engine measured here and the server (0: default)")
+    ap.add_argument("--decode-steps", type=int, default=1,
+                    help="engine decode_steps, for the engine measured here and the server")
     ap.add_argument("--server-only", action="store_true",
                     help="only the server sweep (no naive, HF or direct engine runs)")
     ap.add_argument("--out", default="bench/results/serving_h100.json")
     args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     device = args.device
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -108,16 +110,25 @@ def main() -> None:
     }
     print(f"device {result['device']}  shape {args.shape}  dtype {dtype}", flush=True)
 
-    if args.server_only:
+    if not args.server_only:
+        measure_direct(model, prompt, g, args, dtype, result)  # its engine is gone when it returns
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the server's engine process needs the GPU memory
+        out.write_text(json.dumps(result, indent=2) + "\n")  # kept if the server part fails
+    if not args.skip_server:
         result.update(run_server_bench(model, args, device))
         result["single_stream_p50_ms"]["server"] = result["single_stream_p50_ms_server"]
-        result["targets"] = check_targets(result)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
-        print(json.dumps({k: v for k, v in result.items() if k not in ("engine_occupancy_samples",)}, indent=2))
-        return
+    result["targets"] = check_targets(result)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(json.dumps({k: v for k, v in result.items()
+                      if not k.startswith("profile") and k != "engine_occupancy_samples"}, indent=2))
 
+
+def measure_direct(model: GPT, prompt: list[int], g: torch.Generator, args: argparse.Namespace,
+                   dtype: torch.dtype, result: dict) -> None:
+    """Naive loop, HF generate and our engine called directly (no HTTP), into result."""
+    device, cfg, n = args.device, model.config, args.new_tokens
     naive_runs = max(3, args.runs // 4)
     with torch.no_grad():
         generate_without_cache(model, prompt, 5)
@@ -140,7 +151,7 @@ def main() -> None:
     max_batch = max(batches)
     t0 = time.perf_counter()
     engine = Engine(model, max_batch=max_batch, max_seq_len=min(cfg.block_size, 256),
-                    max_queue=4 * max_batch, prefill_batch=max_batch, decode_steps=args.decode_steps or None)
+                    max_queue=4 * max_batch, prefill_batch=max_batch, decode_steps=args.decode_steps)
     engine.warmup(args.prompt_len + n)
     result["engine_warmup_s"] = time.perf_counter() - t0
     result["engine_graphs_captured"] = len(engine._graphs)
@@ -185,20 +196,6 @@ def main() -> None:
             engine.generate_batch(big, params)
         result[f"profile_batch{max_batch}_top_cuda"] = prof.key_averages().table(
             sort_by="self_cuda_time_total", row_limit=20)
-
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # kept if the server part fails
-    del engine  # the server's engine process needs the GPU memory
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    if not args.skip_server:
-        result.update(run_server_bench(model, args, device))
-        result["single_stream_p50_ms"]["server"] = result["single_stream_p50_ms_server"]
-    result["targets"] = check_targets(result)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
-    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=2))
 
 
 TARGETS = {"server_single_stream_p50_ms_max": 10.0, "req_per_s_at_128_min": 2000.0,
