@@ -203,7 +203,9 @@ class Engine:
         # a decode step writes all layers' new keys and values with one indexed copy. The spare
         # position is never used: it keeps every length bucket a strict slice of the cache, so
         # the compiled step is not specialised (recompiled) for the full length.
-        self.cache = torch.zeros((cfg.n_layer, 2, max_batch, cfg.n_head, self.max_seq_len + 1, head_dim),
+        # One spare slot past max_batch: the rows that pad a prefill to its graph's batch
+        # bucket write there, and nothing reads it.
+        self.cache = torch.zeros((cfg.n_layer, 2, max_batch + 1, cfg.n_head, self.max_seq_len + 1, head_dim),
                                  dtype=cache_dtype, device=self.device)
         self.kv = [(self.cache[i, 0], self.cache[i, 1]) for i in range(cfg.n_layer)]  # views, for prefill
         self.kv_bytes = self.cache.numel() * self.cache.element_size()
@@ -240,6 +242,19 @@ class Engine:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
             self._decode_fn = torch.compile(_decode_and_pick, dynamic=True, fullgraph=True)
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Prefill on CUDA also replays graphs, one per (rows, chunk length, attended length)
+        # bucket, captured from the eager model: an eager prefill launches ~20 ops per layer,
+        # several ms of host time in which the engine makes no step. The prompt chunks are
+        # padded to the bucket (pad rows write to the spare slot, pad positions past the
+        # chunk write junk that decode overwrites before anyone reads it). The CPU runs the
+        # exact shapes; tests set pad_prefill there to check the padding.
+        self.pad_prefill = self.cuda_graphs
+        self.prefill_batch_buckets = _buckets(prefill_batch, 1)
+        self.prefill_len_buckets = _buckets(min(prefill_chunk, self.max_seq_len), min(16, prefill_chunk))
+        # the prefill's inputs, one host-to-device copy per prefill: ids (rows, T), then the
+        # rows' start positions, slots and last-token indices (3, rows)
+        self._prefill_in = torch.zeros(prefill_batch * (prefill_chunk + 3), dtype=torch.long, device=self.device)
+        self._prefill_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self._warm_stream = None
         self._waiting: deque[Request] = deque()
@@ -332,6 +347,7 @@ class Engine:
         return bool(self._waiting or self._prefilling or self._pending
                     or any(r is not None for r in self.slots))
 
+    @torch.no_grad()
     def warmup(self, max_len: int | None = None) -> None:
         """Compile and capture the decode step for every batch bucket up to length max_len, and
         run one prefill, so first requests don't pay for it."""
@@ -342,13 +358,17 @@ class Engine:
                 for b in self.batch_buckets:
                     for steps in (0, *self.step_buckets):  # 0: a sampling step (logits out)
                         self._graph(b, lb, steps)
+                for rows in self.prefill_batch_buckets:  # idle: the junk K/V land in free slots
+                    for T in self.prefill_len_buckets:
+                        if T <= lb:
+                            self._prefill_graph(rows, T, lb)
                 if lb >= length:
                     break
         self.generate([0] * min(8, self.max_seq_len - 1), SamplingParams(max_tokens=2))
         self._reset_slots()
         if self.device.type == "cuda":
-            log.info("engine warm: %d CUDA graphs in %.1f s, %.2f GB of GPU memory reserved",
-                     len(self._graphs), time.perf_counter() - start,
+            log.info("engine warm: %d decode and %d prefill CUDA graphs in %.1f s, %.2f GB of GPU "
+                     "memory reserved", len(self._graphs), len(self._prefill_graphs), time.perf_counter() - start,
                      torch.cuda.memory_reserved(self.device) / 1e9)
 
     # ---- the scheduler -----------------------------------------------------------------
@@ -434,18 +454,26 @@ class Engine:
                 batch.append(r)
                 T = max(T, n)
         chunks = [r.prompt[r.prefilled: r.prefilled + T] for r in batch]
-        ids = torch.zeros((len(batch), T), dtype=torch.long)
+        n = len(batch)
+        if self.pad_prefill:
+            rows_p, T_p = _bucket(n, self.prefill_batch_buckets), _bucket(T, self.prefill_len_buckets)
+        else:
+            rows_p, T_p = n, T
+        host = torch.zeros(rows_p * (T_p + 3), dtype=torch.long)
+        ids, meta = host[: rows_p * T_p].view(rows_p, T_p), host[rows_p * T_p:].view(3, rows_p)
         for i, c in enumerate(chunks):
             ids[i, : len(c)] = torch.tensor(c)
-        start = torch.tensor([r.prefilled for r in batch])
-        last = torch.tensor([len(c) - 1 for c in chunks])
-        rows = torch.tensor([r.slot for r in batch])
+        meta[0, :n] = torch.tensor([r.prefilled for r in batch])
+        meta[1] = self.max_batch  # pad rows: the spare slot
+        meta[1, :n] = torch.tensor([r.slot for r in batch])
+        meta[2, :n] = torch.tensor([len(c) - 1 for c in chunks])
+        self._prefill_in[: host.numel()].copy_(host)
+        slots_in = self._prefill_in[rows_p * (T_p + 1):][:n]  # meta[1, :n] on the device
         # Pad positions past the end write junk K/V beyond the prompt: decode overwrites each
         # position before any query may attend to it, so the junk is never read.
         length = _bucket(max(r.prefilled + T for r in batch), self.len_buckets)
+        logits = self._run_prefill(rows_p, T_p, length)[:n]
         dev = self.device
-        logits, _ = self.model(ids.to(dev), kv_caches=self.kv, input_pos=start.to(dev),
-                               cache_rows=rows.to(dev), logits_index=last.to(dev), kv_len=length)
         done = []
         for i, (r, c) in enumerate(zip(batch, chunks)):
             r.prefilled += len(c)
@@ -454,18 +482,21 @@ class Engine:
                 done.append(i)
         # A slot still mid-prompt sits inside the decode batch as an idle row that writes junk
         # at its position: point that at the next prompt position, which the next chunk rewrites.
-        self.pos_buf[rows.to(dev)] = torch.tensor([r.prefilled for r in batch], device=dev)
+        self.pos_buf[slots_in] = torch.tensor([r.prefilled for r in batch], device=dev)
         if not done:
             return
-        idx = torch.tensor(done, device=dev)
         reqs = [batch[i] for i in done]
-        slots = torch.tensor([r.slot for r in reqs], device=dev)
         p = [r.params for r in reqs]
-        self.temp_buf[slots] = torch.tensor([float(x.temperature) for x in p], device=dev)
-        self.topk_buf[slots] = torch.tensor([int(x.top_k) for x in p], device=dev)
-        self.topp_buf[slots] = torch.tensor([float(x.top_p) for x in p], device=dev)
-        self.seed_buf[slots] = torch.tensor([r.seed for r in reqs], device=dev)
-        pos = torch.tensor([len(r.prompt) for r in reqs], device=dev)
+        # two host-to-device copies for every finished row's settings
+        idx, slots, top_k, seed, pos = torch.tensor(
+            [done, [r.slot for r in reqs], [int(x.top_k) for x in p], [r.seed for r in reqs],
+             [len(r.prompt) for r in reqs]]).to(dev)
+        temperature, top_p = torch.tensor([[float(x.temperature) for x in p],
+                                           [float(x.top_p) for x in p]]).to(dev)
+        self.temp_buf[slots] = temperature
+        self.topk_buf[slots] = top_k
+        self.topp_buf[slots] = top_p
+        self.seed_buf[slots] = seed
         first = sample_tokens(logits[idx, -1, : self.vocab_size], self.temp_buf[slots], self.topk_buf[slots],
                               self.topp_buf[slots], self.seed_buf[slots], pos - 1)
         self.tokens_buf[slots] = first
@@ -642,30 +673,58 @@ class Engine:
         """The CUDA graph of this bucket's launch and its output, captured on first use."""
         key = (B, length, steps)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(B, length, steps)
+            def warm() -> None:  # a launch advances the tokens and positions: put them back
+                tokens, pos = self.tokens_buf.clone(), self.pos_buf.clone()
+                self._decode_steps(B, length, steps)
+                self.tokens_buf.copy_(tokens)
+                self.pos_buf.copy_(pos)
+            self._graphs[key] = self._capture(lambda: self._decode_steps(B, length, steps), warm)
         return self._graphs[key]
 
-    def _capture(self, B: int, length: int, steps: int):
-        # Warm up on a side stream (compilation, cuBLAS handles, allocations), then record the
-        # graph. A warm-up launch writes at each row's positions exactly what the real launch
-        # will write there (same tokens, same positions); the tokens and positions it advances
-        # are put back.
+    # ---- the prefill ------------------------------------------------------------------------
+    def _prefill_forward(self, rows: int, T: int, length: int) -> torch.Tensor:
+        """The model over the prompt chunks in _prefill_in (rows, T): writes their K/V, returns
+        the logits at each row's last chunk position (rows, 1, V)."""
+        ids = self._prefill_in[: rows * T].view(rows, T)
+        start, slots, last = self._prefill_in[rows * T: rows * (T + 3)].view(3, rows)
+        logits, _ = self.model(ids, kv_caches=self.kv, input_pos=start, cache_rows=slots,
+                               logits_index=last, kv_len=length)
+        return logits
+
+    def _run_prefill(self, rows: int, T: int, length: int) -> torch.Tensor:
+        if not self.cuda_graphs:
+            return self._prefill_forward(rows, T, length)
+        graph, out = self._prefill_graph(rows, T, length)
+        graph.replay()
+        return out
+
+    def _prefill_graph(self, rows: int, T: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (rows, T, length)
+        if key not in self._prefill_graphs:
+            # a warm-up prefill writes what the real one will (same inputs): nothing to undo
+            run = lambda: self._prefill_forward(rows, T, length)  # noqa: E731
+            self._prefill_graphs[key] = self._capture(run, run)
+        return self._prefill_graphs[key]
+
+    @torch.no_grad()
+    def _capture(self, run: Callable[[], torch.Tensor], warm: Callable[[], None]
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record run() as a CUDA graph (its output lives in the graph's memory). Warm up
+        first on a side stream (compilation, cuBLAS handles, allocations): warm() runs the
+        same work and must leave the engine's state as it found it."""
         if self._warm_stream is None:  # one stream: its cached blocks serve every capture
             self._warm_stream = torch.cuda.Stream()
         s = self._warm_stream
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            tokens, pos = self.tokens_buf.clone(), self.pos_buf.clone()
             for _ in range(2):
-                self._decode_steps(B, length, steps)
-                self.tokens_buf.copy_(tokens)
-                self.pos_buf.copy_(pos)
+                warm()
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._decode_steps(B, length, steps)
+            out = run()
         return graph, out
 
 

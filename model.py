@@ -69,7 +69,9 @@ class CausalSelfAttention(nn.Module):
             if cache_rows is None:
                 cache_rows = torch.arange(B, device=x.device)
             # write this chunk at its positions in its slots, then gather the slots to attend over
-            query_pos = input_pos[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            # (B, T); the engine pads prefill chunks to fixed shapes, and pad positions past the
+            # cache all write its last position, which is never attended over
+            query_pos = (input_pos[:, None] + torch.arange(T, device=x.device)).clamp(max=cache_k.size(2) - 1)
             cache_k[cache_rows[:, None], :, query_pos] = k.transpose(1, 2).to(cache_k.dtype)
             cache_v[cache_rows[:, None], :, query_pos] = v.transpose(1, 2).to(cache_v.dtype)
             keys, values = cache_k[cache_rows, :, :L], cache_v[cache_rows, :, :L]
@@ -190,7 +192,8 @@ class GPT(nn.Module):
             assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         else:
-            pos = input_pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
+            # (B, T), pad positions past the context clamped (see CausalSelfAttention.forward)
+            pos = (input_pos[:, None] + torch.arange(T, device=idx.device)).clamp(max=self.config.block_size - 1)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         mask = None
         if kv_caches is not None:  # query at position p sees cache positions <= p

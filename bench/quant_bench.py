@@ -302,6 +302,8 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda" and rows[-1]["speedup_b16"] < 1.0:
             rows[-1]["profile_b16"] = {"bf16": profile_batch_gpu(model), "int8": profile_batch_gpu(qmodel)}
             log.info("[%s] int8 b16 profile:\n%s", name, "\n".join(rows[-1]["profile_b16"]["int8"]["top_cuda"]))
+        if args.out:  # each shape as it ends: a run stopped at a time limit keeps what it measured
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=2) + "\n")
         del model, qmodel, speed
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -367,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
 
     if shapes_path:
         table = [(r["name"], r["bf16_mb"], r["int8_mb"], r["bf16_tok_s_b1"], r["int8_tok_s_b1"],

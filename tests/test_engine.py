@@ -53,6 +53,25 @@ def test_batched_greedy_equals_each_request_alone_without_cache(model, decode_st
     assert engine.num_running == 0 and sorted(engine._free) == list(range(4))
 
 
+def test_padded_prefill_equals_each_request_alone_without_cache(model):
+    """On CUDA a prefill runs at fixed (rows, chunk) shapes, its graph's bucket: pad rows
+    write to the spare slot, pad positions write junk past the chunk (clamped at the end of
+    the cache). Here eagerly on CPU with the same padding, chunks ending near the context's
+    end included, so the padding itself is what is checked."""
+    # the 90-token prompt's last chunk (18 tokens at 72) pads to 32: positions 72..103 run
+    # past the 96-token context and the 97-position cache
+    reqs = random_requests(10, seed=5) + [([7] * 90, 6), ([9] * 83, 13)]
+    reference = [generate_without_cache(model, p, n) for p, n in reqs]
+    engine = Engine(model, max_batch=4, prefill_chunk=36, prefill_batch=4)
+    engine.pad_prefill = True
+    assert engine.prefill_batch_buckets == [1, 2, 4] and engine.prefill_len_buckets == [16, 32, 36]
+    handles = [engine.submit(p, SamplingParams(max_tokens=n)) for p, n in reqs]
+    while not all(h.finished for h in handles):
+        engine.step()
+    for h, ref in zip(handles, reference):
+        assert h.tokens == ref
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_generation_stops_at_the_end_of_the_context(model, decode_steps):
     prompt = [3] * 90
