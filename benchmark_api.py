@@ -181,6 +181,7 @@ class Sample:
     latency_s: float
     tokens: int = 0
     ttft_s: float | None = None
+    server_s: float | None = None  # /complete's own latency_ms: the time spent inside the server's handler
     error: str | None = None  # the HTTP status as a string, or the exception's type name
     detail: str | None = None  # the exception's message, for error_examples
 
@@ -237,11 +238,14 @@ async def _one(client: httpx.AsyncClient, target: Target, prompt: str, seed: int
             if r.status_code != 200:
                 return Sample(False, dt, error=str(r.status_code))
             data = r.json()
+            server_s = None
             if target.endpoint == "complete":
                 tokens = _count_tokens(data.get("tokens"))
+                if isinstance(data.get("latency_ms"), (int, float)):
+                    server_s = data["latency_ms"] / 1000
             else:
                 tokens = _count_tokens((data.get("usage") or {}).get("completion_tokens"))
-            return Sample(True, dt, tokens=tokens)
+            return Sample(True, dt, tokens=tokens, server_s=server_s)
         ttft = None
         chunks = 0
         usage_tokens = None
@@ -303,6 +307,7 @@ def summarize(clients: int, samples: list[Sample], elapsed: float, cancelled: in
     tpot = [(s.latency_s - s.ttft_s) / (s.tokens - 1) for s in ok
             if s.ttft_s is not None and s.tokens > 1]
     per_tok = [s.latency_s / s.tokens for s in ok if s.tokens > 0]
+    server = [s.server_s for s in ok if s.server_s is not None]
     return {
         "clients": clients,
         "requests": len(samples),
@@ -325,6 +330,10 @@ def summarize(clients: int, samples: list[Sample], elapsed: float, cancelled: in
         "ttft_p95_ms": _ms(percentile(ttft, 95)) if stream else None,
         "tpot_p50_ms": _ms(percentile(tpot, 50)) if stream else None,
         "ms_per_token_p50": _ms(percentile(per_tok, 50)),
+        # /complete only: the server's own latency_ms (its handler, engine wait included); the
+        # rest of p50_ms is HTTP parsing before the handler, the network and this client
+        "server_p50_ms": _ms(percentile(server, 50)),
+        "server_p95_ms": _ms(percentile(server, 95)),
     }
 
 
@@ -527,7 +536,8 @@ def _line(r: dict) -> str:
     return (f"clients={r['clients']:>4} ok={r['ok']:>5} err={r['errors']:>3} "
             f"req/s={r['req_per_s']:>7.2f} tok/s={r['tokens_per_s']:>8.1f} "
             f"p50={f(r['p50_ms'])}ms p95={f(r['p95_ms'])}ms p99={f(r['p99_ms'])}ms "
-            f"ttft50={f(r['ttft_p50_ms'])}ms tpot50={f(r['tpot_p50_ms'])}ms")
+            f"ttft50={f(r['ttft_p50_ms'])}ms tpot50={f(r['tpot_p50_ms'])}ms "
+            f"server50={f(r.get('server_p50_ms'))}ms")
 
 
 # ---- server facts -------------------------------------------------------------------------

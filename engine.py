@@ -13,6 +13,9 @@ A continuous-batching generator of token ids over a KV cache allocated once:
   host bookkeeping overlaps GPU work. A greedy launch may run several decode steps in one
   graph (`decode_steps`, opt-in) while nobody waits for a slot: one launch and one read-back
   per k tokens instead of per token. On CPU the same code runs eagerly.
+- On CUDA the prefill replays CUDA graphs too (the eager model captured per rows x chunk x
+  attended-length bucket), and its first tokens are read back after the next decode launch.
+  `prefill_wait_steps` (opt-in) lets prompts gather while rows decode to share one prefill.
 - Sampling runs on the device: temperature, top-k, top-p, with Gumbel noise from a hash of
   (request seed, position, token) so a seeded request samples the same tokens whatever
   else shares its batch.
@@ -79,7 +82,8 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     _cancelled: bool = False
-    _launched: int = 0  # tokens that launched steps will produce (ahead of `tokens` on CUDA)
+    _launched: int = 0  # tokens made or launched on the device (ahead of `tokens` on CUDA)
+    _admitted_at: int = 0  # the engine's decode-launch count when it got a slot
     _stopping: bool = False  # no further steps: its last token is in flight
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -180,7 +184,7 @@ class Engine:
                  max_queue: int = 256, prefill_chunk: int = 256, prefill_batch: int = 32,
                  eos_id: int | None = None, vocab_size: int | None = None,
                  cuda_graphs: bool | None = None, compile: bool | None = None,
-                 decode_steps: int = 1, max_consecutive_errors: int = 3):
+                 decode_steps: int = 1, prefill_wait_steps: int = 0, max_consecutive_errors: int = 3):
         self.model = model.eval()
         cfg = model.config
         self.device = model.transformer.wte.weight.device
@@ -231,6 +235,15 @@ class Engine:
         if decode_steps < 1:
             raise ValueError("decode_steps must be >= 1")
         self.step_buckets = sorted({1, decode_steps})
+        # While rows decode, admitted prompts may wait up to this many decode launches so that
+        # several share one prefill (0: prefill at once). A prefill's cost on a GPU hardly
+        # depends on how many prompts it carries, and under steady load one arrives about
+        # every step: prefilling each alone adds a prefill to nearly every step. TGI's
+        # max_waiting_tokens is the same idea. Opt-in until measured on a GPU.
+        if prefill_wait_steps < 0:
+            raise ValueError("prefill_wait_steps must be >= 0")
+        self.prefill_wait_steps = prefill_wait_steps
+        self._launches = 0
         # On CUDA the decode step (model.decode_step plus the greedy pick) is compiled whole,
         # then captured per bucket in CUDA graphs. Dynamic shapes: three compiles (batch 1 at
         # the first length, batch 1 at any length, batch >= 2) instead of one per bucket.
@@ -264,6 +277,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._pending: tuple | None = None  # a launched decode step whose tokens are unread
+        self._first_tokens: tuple | None = None  # this step's prefill's first tokens, unread
         self.healthy = True
         self.dead_reason: str | None = None
         # Called on the scheduler thread after every step: a server hands tokens over per step.
@@ -407,12 +421,15 @@ class Engine:
     def _step(self) -> None:
         self._drop_cancelled()
         self._admit()
-        if self._prefilling:
+        if self._prefilling and self._prefill_due():
             self._prefill()
         launched = self._launch_decode()
         if self._pending is not None:
             self._finish_decode(*self._pending)
             self._pending = None
+        # after the previous launch's tokens (which these rows were not in) and before this
+        # launch's (which they are): each request's tokens reach it in order
+        self._emit_first_tokens()
         if launched is not None:
             if self.device.type == "cuda":
                 self._pending = launched  # read back next iteration, after the next launch
@@ -440,8 +457,18 @@ class Engine:
                 req = self._waiting.popleft()
                 req.slot = heapq.heappop(self._free)
                 req.scheduled_time = time.perf_counter()
+                req._admitted_at = self._launches
                 self.slots[req.slot] = req
                 self._prefilling.append(req)
+
+    def _prefill_due(self) -> bool:
+        """Prefill now, or let admitted prompts gather (prefill_wait_steps) while rows decode."""
+        if self.prefill_wait_steps == 0 or len(self._prefilling) >= self.prefill_batch:
+            return True
+        if not self._active_rows():
+            return True
+        oldest = min(r._admitted_at for r in self._prefilling)
+        return self._launches - oldest >= self.prefill_wait_steps
 
     def _prefill(self) -> None:
         """One padded batch of prompt chunks; rows whose prompt ends here get their first token."""
@@ -502,19 +529,36 @@ class Engine:
         self.tokens_buf[slots] = first
         self.pos_buf[slots] = pos
         self.active_buf[slots] = 1
-        first_host = first.tolist()
         for r in reqs:
             self._prefilling.remove(r)
+            r._launched = 1  # decodes from the next launch on
+            if r.params.max_tokens <= 1 or len(r.prompt) + 1 >= self.max_seq_len:
+                r._stopping = True  # its first token ends it: no launch for it (_emit releases it)
+                self.active_buf[r.slot] = 0
+        # The first tokens are read back after the next decode launch (_emit_first_tokens):
+        # the host does not wait for the GPU before giving it that launch.
+        out, event = first, None
+        if self.device.type == "cuda":
+            out = first.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._first_tokens = (reqs, out, event)
+
+    def _emit_first_tokens(self) -> None:
+        if self._first_tokens is None:
+            return
+        reqs, out, event = self._first_tokens
+        self._first_tokens = None
+        if event is not None:
+            event.synchronize()  # the prefill's, recorded before the decode launched after it
         now = time.perf_counter()
-        for r, tok in zip(reqs, first_host):
+        for r, tok in zip(reqs, out.tolist()):
             r.first_token_time = now
-            r._launched = 1
             self._emit(r, tok)
 
     def _active_rows(self) -> list[int]:
         return [s for s, r in enumerate(self.slots)
-                if r is not None and r.finish_reason is None and r.first_token_time is not None
-                and not r._stopping]
+                if r is not None and r.finish_reason is None and r._launched > 0 and not r._stopping]
 
     def _launch_decode(self):
         rows = self._active_rows()
@@ -533,6 +577,7 @@ class Engine:
                                 self.seed_buf[:B], self.pos_buf[:B])
             self._advance(B, nxt)
             nxt = nxt[None]
+        self._launches += 1
         for s in rows:
             self.pos_host[s] += k
         out = nxt.to("cpu", non_blocking=True) if self.device.type == "cuda" else nxt
@@ -635,6 +680,7 @@ class Engine:
         self.slots = [None] * self.max_batch
         self._free = list(range(self.max_batch))
         self._pending = None
+        self._first_tokens = None
 
     # ---- the decode step -----------------------------------------------------------------
     def _decode(self, B: int, length: int, greedy: bool) -> torch.Tensor:

@@ -75,7 +75,8 @@ def load_engine(cfg: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     model, tokenizer, meta = load_model(path, device, dtype)
     engine = Engine(model, max_batch=cfg["max_batch"], max_queue=cfg["max_queue"],
                     eos_id=tokenizer.eot_id, vocab_size=tokenizer.n_vocab,
-                    decode_steps=cfg.get("decode_steps", 1))
+                    decode_steps=cfg.get("decode_steps", 1),
+                    prefill_wait_steps=cfg.get("prefill_wait_steps", 0))
     engine.warmup(engine.max_seq_len)  # on CUDA: every graph bucket before /ready says 200
     install_test_hooks(engine, cfg.get("fault_inject", ""), cfg.get("test_step_delay_ms", 0.0))
     stat = (path / "model.safetensors").stat()

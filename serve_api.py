@@ -136,7 +136,8 @@ def _engine_config(s: Settings) -> dict[str, Any]:
     """What engine_process.load_engine needs from the settings, as plain (picklable) values."""
     return {"model_path": s.model_path, "model_name": s.model_name, "device": s.device, "dtype": s.dtype,
             "max_batch": s.max_concurrent_sequences, "max_queue": s.max_queue, "log_level": s.log_level,
-            "decode_steps": s.decode_steps, "unread_timeout_s": s.engine_unread_timeout_s,
+            "decode_steps": s.decode_steps, "prefill_wait_steps": s.prefill_wait_steps,
+            "unread_timeout_s": s.engine_unread_timeout_s,
             "fault_inject": s.fault_inject, "test_step_delay_ms": s.test_step_delay_ms}
 
 

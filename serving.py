@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # greedy decode steps per CUDA-graph launch while no request waits for a slot (engine.py's
     # decode_steps: faster decode, much slower warm-up)
     decode_steps: int = Field(1, ge=1, le=64)
+    # decode launches an admitted prompt may wait so that several share a prefill while rows
+    # decode (engine.py's prefill_wait_steps; 0: prefill at once)
+    prefill_wait_steps: int = Field(0, ge=0, le=1024)
     max_prompt_tokens: int = Field(2048, ge=8)
     request_timeout_s: float = Field(60.0, gt=0, le=86400)
     api_keys: str = ""  # comma-separated; never logged

@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32,64,128,256", help="server sweep: concurrent clients per level")
     ap.add_argument("--decode-steps", type=int, default=1,
                     help="engine decode_steps, for the engine measured here and the server")
+    ap.add_argument("--prefill-wait-steps", type=int, default=0,
+                    help="the server's PREFILL_WAIT_STEPS (prompts gather for a shared prefill)")
     ap.add_argument("--server-only", action="store_true",
                     help="only the server sweep (no naive, HF or direct engine runs)")
     ap.add_argument("--out", default="bench/results/serving_h100.json")
@@ -251,7 +253,7 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
     env = dict(os.environ, MODEL_PATH=str(ckpt), DEVICE=device, PORT=str(port), CACHE_SIZE="0",
                MAX_CONCURRENT_SEQUENCES="256", MAX_QUEUE="1024", LOG_LEVEL="warning",
                DTYPE="bfloat16" if device == "cuda" else "float32", HTTP_WORKERS=str(args.http_workers),
-               DECODE_STEPS=str(args.decode_steps))
+               DECODE_STEPS=str(args.decode_steps), PREFILL_WAIT_STEPS=str(args.prefill_wait_steps))
     proc = subprocess.Popen([sys.executable, "serve_api.py"], env=env,
                             cwd=Path(__file__).resolve().parent.parent)
     url = f"http://127.0.0.1:{port}"
@@ -304,7 +306,8 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
         poller.join(5)
         return {"server_single": single, "concurrency": sweep, "engine_occupancy_samples": samples,
                 "single_stream_p50_ms_server": single[0]["p50_ms"],
-                "server_http_workers": args.http_workers, "load_processes": args.load_processes}
+                "server_http_workers": args.http_workers, "load_processes": args.load_processes,
+                "server_decode_steps": args.decode_steps, "server_prefill_wait_steps": args.prefill_wait_steps}
     finally:
         proc.terminate()
         proc.wait(60)

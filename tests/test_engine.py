@@ -72,6 +72,52 @@ def test_padded_prefill_equals_each_request_alone_without_cache(model):
         assert h.tokens == ref
 
 
+def test_a_request_ended_by_its_first_token(model):
+    """The first token is read back after the next decode launch. A request it ends still
+    gets exactly that token and frees its slot; max_tokens=1 gets no decode launch at all."""
+    prompt = [5, 6, 7]
+    first = generate_without_cache(model, prompt, 1)[0]
+    engine = Engine(model, max_batch=2)
+    h = engine.submit(prompt, SamplingParams(max_tokens=1))
+    engine.step()
+    assert h.finished and h.tokens == [first] and h.finish_reason == "length"
+    assert engine._launches == 0
+    # a stop token is only known once read: the row was in the launch, whose token is dropped
+    h = engine.submit(prompt, SamplingParams(max_tokens=20, stop_token_ids=(first,)))
+    engine.step()
+    assert h.finished and h.tokens == [first] and h.finish_reason == "stop"
+    assert engine._launches == 1 and sorted(engine._free) == [0, 1] and not engine.has_work()
+
+
+def test_prefill_wait_steps_gathers_prompts_while_rows_decode(model):
+    """prefill_wait_steps=3: with a row decoding, prompts admitted one step apart wait until
+    the oldest has waited three launches, then share one prefill; nobody's tokens change."""
+    reqs = [([1, 2, 3, 4], 12), ([9] * 7, 5), ([4, 3] * 5, 6)]
+    reference = [generate_without_cache(model, p, n) for p, n in reqs]
+    engine = Engine(model, max_batch=4, prefill_wait_steps=3)
+    prefills: list[int] = []
+    real_prefill = engine._prefill
+
+    def counting_prefill() -> None:
+        prefills.append(len(engine._prefilling))
+        real_prefill()
+
+    engine._prefill = counting_prefill
+    handles = [engine.submit(reqs[0][0], SamplingParams(max_tokens=reqs[0][1]))]
+    engine.step()  # nothing decodes yet: prefilled at once
+    assert prefills == [1]
+    for p, n in reqs[1:]:
+        handles.append(engine.submit(p, SamplingParams(max_tokens=n)))
+        engine.step()
+    engine.step()
+    assert prefills == [1]  # the oldest of the two has waited 2 launches
+    engine.step()
+    assert prefills == [1, 2]
+    while not all(h.finished for h in handles):
+        engine.step()
+    assert [h.tokens for h in handles] == reference
+
+
 @pytest.mark.parametrize("decode_steps", [1, 4])
 def test_generation_stops_at_the_end_of_the_context(model, decode_steps):
     prompt = [3] * 90

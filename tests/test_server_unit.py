@@ -131,6 +131,20 @@ def test_settings_errors_name_the_variable(monkeypatch: pytest.MonkeyPatch, env:
         load_settings()
 
 
+def test_engine_settings_reach_the_engine(monkeypatch: pytest.MonkeyPatch, ckpt: Path) -> None:
+    """DECODE_STEPS and PREFILL_WAIT_STEPS go from the environment to the Engine the server builds."""
+    from engine_process import load_engine
+    from serve_api import _engine_config
+    for k, v in {"MODEL_PATH": str(ckpt), "DEVICE": "cpu", "DECODE_STEPS": "4",
+                 "PREFILL_WAIT_STEPS": "3", "MAX_CONCURRENT_SEQUENCES": "5"}.items():
+        monkeypatch.setenv(k, v)
+    engine, _, _ = load_engine(_engine_config(load_settings()))
+    assert (engine.step_buckets, engine.prefill_wait_steps, engine.max_batch) == ([1, 4], 3, 5)
+    monkeypatch.setenv("PREFILL_WAIT_STEPS", "-1")
+    with pytest.raises(SettingsError, match="PREFILL_WAIT_STEPS"):
+        load_settings()
+
+
 def test_api_keys_from_env_and_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nfile-key-1\n\nfile-key-2\n")
