@@ -7,8 +7,9 @@ Modes (the `mode` of `meta["quantization"]`):
                       quantized Linear (fbgemm/oneDNN int8 GEMM; activations are quantized on
                       the fly per call). Stored as int8 weight + float64 scales + zero points.
     int8-weight-only  GPU serving. Per-output-channel symmetric int8 weights, dequantized inside
-                      the matmul: F.linear(x, w.to(x.dtype)) * scales. Under torch.compile the
-                      conversion fuses into the matmul; eager (CPU) it works, just slowly.
+                      the matmul: F.linear(x, w.to(x.dtype)) * scales. Meant for torch.compile
+                      to fuse the conversion into the matmul; in the engine's dynamic-shape decode
+                      step on an H100 it does not yet (quantization_h100.json's profile).
     int4-weight-only  Group-wise asymmetric 4-bit weights packed two per byte, dequantized in
                       forward. Known to cost a 124M model real perplexity: quantize_model.py
                       only writes it if it passes the quality gate.
@@ -115,8 +116,9 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 class WeightOnlyInt8Linear(nn.Module):
     """y = (x @ q.T) * scales + bias with q int8 (out, in): gpt-fast's WeightOnlyInt8Linear.
 
-    Weight bytes are a quarter of fp32 (half of bf16); on a GPU decode is memory-bound, so
-    reading int8 and converting in registers is the speed-up. Scales and bias follow the
+    Weight bytes are a quarter of fp32 (half of bf16); where decode is memory-bound, reading
+    int8 and converting in registers is the speed-up, if the conversion is fused into the
+    matmul (see forward). Scales and bias follow the
     model's float dtype (`model.to(torch.bfloat16)` casts them; the int8 stays int8)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
@@ -127,11 +129,12 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Inside the engine's compiled decode step Inductor fuses the int8 -> bf16 conversion
-        # into the matmul's loads. Eager (the prefill, captured as CUDA graphs) stays plain: a
-        # separately compiled int8_linear called eagerly cost ~0.9 ms of host time per call on
-        # an H100 (a 16 x 16-token prefill of the 124M shape took 52 ms against 7.9 ms plain and
-        # 5.9 ms in bf16), which made batch-16 int8 8-16x slower than bf16.
+        # Traced into the engine's compiled decode step. There, with dynamic shapes, Inductor
+        # was measured writing the bf16 weight with a separate kernel before cuBLAS (no fusion:
+        # int8 0.75x of bf16 at batch 1, quantization_h100.json). Eager (the prefill, captured
+        # as CUDA graphs) stays plain too: a separately compiled int8_linear called eagerly cost
+        # ~0.9 ms of host time per call on an H100 (a 16 x 16-token prefill of the 124M shape
+        # took 52 ms against 7.9 ms plain and 5.9 ms in bf16): batch-16 int8 was 8-16x slower.
         return int8_linear(x, self.qweight, self.scales, self.bias)
 
     def dequantized_weight(self) -> torch.Tensor:
