@@ -4,9 +4,13 @@ Works against anything that speaks this project's API: `serve_api.py` (POST /com
 the OpenAI-style POST /v1/completions) or a vLLM-backed `serve_vllm.py` with the same routes.
 Clients are closed-loop: each of N clients sends its next request as soon as its previous
 one returns, so N is the number of requests in flight. One asyncio event loop, with one
-httpx.AsyncClient (one keep-alive connection) per client, carries 256+ clients from one process
-(threads would spend a core on context switches on a 2-core box). Past ~1000 req/s that one
-process is itself the limit: `--processes N` splits each level's clients and `--requests` over N
+aiohttp session (one keep-alive connection) per client, carries 256+ clients from one process
+(threads would spend a core on context switches on a 2-core box). aiohttp, not httpx: on
+this project's 2-core VM a request cost the client 0.12 ms of CPU against 1.6 ms with
+httpx, and under load every client's cost lands inside the latencies measured (closed-loop
+clients move in step: a level's requests end together, and one process serves all of its
+clients' next requests one after another). Past a few thousand req/s one process is itself
+the limit: `--processes N` splits each level's clients and `--requests` over N
 spawned processes that start their clocks together (a barrier); their samples are merged, so
 percentiles are over all requests, and the level's duration is the longest process's.
 
@@ -62,7 +66,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-import httpx
+import aiohttp
+import requests
 
 DEFAULT_CLIENTS = (1, 8, 32, 64, 128, 256)
 CHARS_PER_TOKEN = 3.5  # BPE on Python source averages ~3-4 chars/token; only a rough target
@@ -228,16 +233,25 @@ def _count_tokens(value: Any) -> int:
     return int(value or 0)
 
 
-async def _one(client: httpx.AsyncClient, target: Target, prompt: str, seed: int) -> Sample:
+def _session(target: Target) -> aiohttp.ClientSession:
+    """One client's session: one keep-alive connection to the target, its headers, timeouts."""
+    return aiohttp.ClientSession(
+        headers=target.headers,
+        connector=aiohttp.TCPConnector(limit=1, force_close=False),
+        timeout=aiohttp.ClientTimeout(total=target.timeout_s, sock_connect=10.0))
+
+
+async def _one(client: aiohttp.ClientSession, target: Target, prompt: str, seed: int) -> Sample:
     path, body = target.body(prompt, seed)
     t0 = time.perf_counter()
     try:
         if not target.stream:
-            r = await client.post(path, json=body)
+            async with client.post(target.url + path, json=body) as r:
+                raw = await r.read()
             dt = time.perf_counter() - t0
-            if r.status_code != 200:
-                return Sample(False, dt, error=str(r.status_code))
-            data = r.json()
+            if r.status != 200:
+                return Sample(False, dt, error=str(r.status))
+            data = json.loads(raw)
             server_s = None
             if target.endpoint == "complete":
                 tokens = _count_tokens(data.get("tokens"))
@@ -249,12 +263,13 @@ async def _one(client: httpx.AsyncClient, target: Target, prompt: str, seed: int
         ttft = None
         chunks = 0
         usage_tokens = None
-        async with client.stream("POST", path, json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                return Sample(False, time.perf_counter() - t0, error=str(r.status_code))
+        async with client.post(target.url + path, json=body) as r:
+            if r.status != 200:
+                await r.read()
+                return Sample(False, time.perf_counter() - t0, error=str(r.status))
             done = False
-            async for line in r.aiter_lines():
+            async for raw_line in r.content:  # one line per iteration, its newline kept
+                line = raw_line.decode("utf-8").rstrip("\r\n")
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, event: lines
                 payload = line[5:].strip()
@@ -277,7 +292,7 @@ async def _one(client: httpx.AsyncClient, target: Target, prompt: str, seed: int
         # a chunk per token is what the server sends; usage, when present, is authoritative
         tokens = _count_tokens(usage_tokens) if usage_tokens is not None else chunks
         return Sample(True, dt, tokens=tokens, ttft_s=ttft)
-    except (httpx.HTTPError, json.JSONDecodeError, ValueError) as e:
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, ValueError) as e:
         return Sample(False, time.perf_counter() - t0, error=type(e).__name__, detail=str(e)[:200])
 
 
@@ -341,8 +356,6 @@ async def _drive(target: Target, clients: int, prompts: Sequence[str], requests:
                  duration_s: float, drain_s: float, seed: int, offset: int = 0, bar: Any = None,
                  barrier: Any = None) -> tuple[list[Sample], int, float]:
     """Run `clients` closed-loop clients until the bounds: (samples, issued, elapsed_s)."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    timeout = httpx.Timeout(target.timeout_s, connect=10.0)
     samples: list[Sample] = []
     issued = 0
     if barrier is not None:
@@ -353,7 +366,7 @@ async def _drive(target: Target, clients: int, prompts: Sequence[str], requests:
     stop_at = start + duration_s
     last_done = start
 
-    async def client_loop(cid: int, client: httpx.AsyncClient) -> None:
+    async def client_loop(cid: int, client: aiohttp.ClientSession) -> None:
         nonlocal issued, last_done
         while issued < requests and time.perf_counter() < stop_at:
             i = issued
@@ -365,11 +378,9 @@ async def _drive(target: Target, clients: int, prompts: Sequence[str], requests:
             if bar is not None:
                 bar.update(1)
 
-    # One connection per client, each in its own pool: httpx's shared pool does work per
-    # request that grows with the number of connections, and at 128+ clients the load
-    # generator, not the server, became the bottleneck (issue #5).
-    pools = [httpx.AsyncClient(base_url=target.url, headers=target.headers, limits=limits,
-                               timeout=timeout) for _ in range(clients)]
+    # One connection per client, each in its own session: a shared pool does work per request
+    # that grows with the number of connections (measured with httpx at 128+ clients).
+    pools = [_session(target) for _ in range(clients)]
     try:
         tasks = [asyncio.create_task(client_loop(c, pools[c])) for c in range(clients)]
         # hard stop: after the issue window closes, in-flight requests get drain_s, then go
@@ -378,7 +389,7 @@ async def _drive(target: Target, clients: int, prompts: Sequence[str], requests:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
     finally:
-        await asyncio.gather(*(p.aclose() for p in pools), return_exceptions=True)
+        await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
     # throughput over the span in which requests ran, not including idle drain time
     elapsed = (last_done if samples else time.perf_counter()) - start
     return samples, issued, elapsed
@@ -477,8 +488,7 @@ def _run_level_processes(target: Target, clients: int, prompts: Sequence[str], r
 
 async def _warmup(target: Target, prompts: Sequence[str], n: int) -> None:
     # the first requests pay for lazy init (allocations, kernel selection): keep them out
-    async with httpx.AsyncClient(base_url=target.url, headers=target.headers,
-                                 timeout=httpx.Timeout(target.timeout_s)) as client:
+    async with _session(target) as client:
         for i in range(n):
             await _one(client, target, prompts[i % len(prompts)], i)
 
@@ -544,10 +554,10 @@ def _line(r: dict) -> str:
 def _get_json(url: str, path: str, api_key: str | None) -> Any:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = httpx.get(url.rstrip("/") + path, headers=headers, timeout=10.0)
+        r = requests.get(url.rstrip("/") + path, headers=headers, timeout=10.0)
         if r.status_code == 200:
             return r.json()
-    except (httpx.HTTPError, json.JSONDecodeError):
+    except (requests.RequestException, json.JSONDecodeError):
         pass  # optional endpoints: a server without them is still benchmarkable
     return None
 

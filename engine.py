@@ -110,24 +110,32 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+                  top_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
+                  k_max: int | None = None, any_top_p: bool | None = None) -> torch.Tensor:
     """Next token per row. logits (B, V) float; per-row temperature/top_k/top_p/seed/position (B,).
 
     Rows with temperature 0 take the argmax. Others sample from softmax(logits / T) restricted
     by top-k and top-p, by Gumbel-max with noise hashed from (seed, position, token): the draw
-    depends on the request alone, never on its neighbours in the batch."""
+    depends on the request alone, never on its neighbours in the batch.
+
+    k_max (the largest top_k of the rows that matter) and any_top_p (whether one of them has
+    top_p < 1) are read from the tensors when not given: on a GPU each read waits for it, so
+    the engine, which knows them on the host, passes them."""
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
     B, V = logits.shape
     scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    k_max = int(top_k.max())
+    if k_max is None:
+        k_max = int(top_k.max())
+    if any_top_p is None:
+        any_top_p = bool((top_p < 1.0).any())
     if k_max > 0:
         k_max = min(k_max, V)
         kth = scaled.topk(k_max, dim=-1).values  # (B, k_max), descending
         k = top_k.clamp(1, k_max)
         threshold = kth.gather(1, (k - 1)[:, None])
         scaled = torch.where((top_k[:, None] > 0) & (scaled < threshold), float("-inf"), scaled)
-    if bool((top_p < 1.0).any()):
+    if any_top_p:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # drop a token once the mass before it already reaches top_p (the first always stays)
@@ -221,6 +229,7 @@ class Engine:
         self.topk_buf, self.seed_buf = z(torch.long), z(torch.long)
         self._rows = torch.arange(max_batch, device=self.device)
         self.pos_host = [0] * max_batch
+        self._active_host = [False] * max_batch  # mirrors active_buf: a device write only when it changes
         self.slots: list[Request | None] = [None] * max_batch
         self._free = list(range(max_batch))  # a heap: the lowest free slot first keeps batches dense
         self.batch_buckets = _buckets(max_batch, 1)
@@ -244,6 +253,11 @@ class Engine:
             raise ValueError("prefill_wait_steps must be >= 0")
         self.prefill_wait_steps = prefill_wait_steps
         self._launches = 0
+        # Where a launch's tokens are read back: pinned host buffers reused in turn (a fresh
+        # pinned tensor per launch cost the host ~4% of its step time under load on an H100),
+        # each with its event. Three: one is read while the next launch's is being written.
+        self._readback = [(torch.empty((max(self.step_buckets), max_batch), dtype=torch.long, pin_memory=True),
+                           torch.cuda.Event()) for _ in range(3)] if on_cuda else []
         # On CUDA the decode step (model.decode_step plus the greedy pick) is compiled whole,
         # then captured per bucket in CUDA graphs. Dynamic shapes: three compiles (batch 1 at
         # the first length, batch 1 at any length, batch >= 2) instead of one per bucket.
@@ -265,8 +279,10 @@ class Engine:
         self.prefill_batch_buckets = _buckets(prefill_batch, 1)
         self.prefill_len_buckets = _buckets(min(prefill_chunk, self.max_seq_len), min(16, prefill_chunk))
         # the prefill's inputs, one host-to-device copy per prefill: ids (rows, T), then the
-        # rows' start positions, slots and last-token indices (3, rows)
-        self._prefill_in = torch.zeros(prefill_batch * (prefill_chunk + 3), dtype=torch.long, device=self.device)
+        # rows' start positions, slots, last-token indices and new positions (4, rows), then the
+        # finished rows' settings (5, rows); from pinned host memory on CUDA (_prefill)
+        self._prefill_in = torch.zeros(prefill_batch * (prefill_chunk + 9), dtype=torch.long, device=self.device)
+        self._pinned = on_cuda
         self._prefill_graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self._warm_stream = None
@@ -486,55 +502,68 @@ class Engine:
             rows_p, T_p = _bucket(n, self.prefill_batch_buckets), _bucket(T, self.prefill_len_buckets)
         else:
             rows_p, T_p = n, T
-        host = torch.zeros(rows_p * (T_p + 3), dtype=torch.long)
-        ids, meta = host[: rows_p * T_p].view(rows_p, T_p), host[rows_p * T_p:].view(3, rows_p)
+        done = [i for i, (r, c) in enumerate(zip(batch, chunks)) if r.prefilled + len(c) == len(r.prompt)]
+        reqs = [batch[i] for i in done]
+        p = [r.params for r in reqs]
+        # Every input in one host buffer, copied over without waiting for the GPU (a plain copy
+        # from pageable memory would wait for the decode launch in flight, and the host would
+        # prepare the next launch only once the GPU is idle): the chunks (rows, T), then
+        # (4, rows) of start positions, slots, last-token indices and positions after the
+        # chunk, then (5, finished) of row index, slot, top_k, seed and prompt length.
+        host = torch.zeros(rows_p * (T_p + 4) + 5 * len(reqs), dtype=torch.long, pin_memory=self._pinned)
+        ids, meta = host[: rows_p * T_p].view(rows_p, T_p), host[rows_p * T_p: rows_p * (T_p + 4)].view(4, rows_p)
         for i, c in enumerate(chunks):
             ids[i, : len(c)] = torch.tensor(c)
         meta[0, :n] = torch.tensor([r.prefilled for r in batch])
         meta[1] = self.max_batch  # pad rows: the spare slot
         meta[1, :n] = torch.tensor([r.slot for r in batch])
         meta[2, :n] = torch.tensor([len(c) - 1 for c in chunks])
-        self._prefill_in[: host.numel()].copy_(host)
-        slots_in = self._prefill_in[rows_p * (T_p + 1):][:n]  # meta[1, :n] on the device
+        meta[3, :n] = meta[0, :n] + meta[2, :n] + 1
+        if reqs:
+            host[rows_p * (T_p + 4):] = torch.tensor(
+                [done, [r.slot for r in reqs], [int(x.top_k) for x in p], [r.seed for r in reqs],
+                 [len(r.prompt) for r in reqs]]).view(-1)
+        device_in = self._prefill_in[: host.numel()]
+        device_in.copy_(host, non_blocking=True)
+        slots_in, new_pos = device_in[rows_p * (T_p + 1): rows_p * (T_p + 4)].view(3, rows_p)[::2, :n]  # meta[1], [3]
         # Pad positions past the end write junk K/V beyond the prompt: decode overwrites each
         # position before any query may attend to it, so the junk is never read.
         length = _bucket(max(r.prefilled + T for r in batch), self.len_buckets)
         logits = self._run_prefill(rows_p, T_p, length)[:n]
-        dev = self.device
-        done = []
-        for i, (r, c) in enumerate(zip(batch, chunks)):
+        for r, c in zip(batch, chunks):
             r.prefilled += len(c)
             self.pos_host[r.slot] = r.prefilled
-            if r.prefilled == len(r.prompt):
-                done.append(i)
         # A slot still mid-prompt sits inside the decode batch as an idle row that writes junk
         # at its position: point that at the next prompt position, which the next chunk rewrites.
-        self.pos_buf[slots_in] = torch.tensor([r.prefilled for r in batch], device=dev)
-        if not done:
+        self.pos_buf[slots_in] = new_pos
+        if not reqs:
             return
-        reqs = [batch[i] for i in done]
-        p = [r.params for r in reqs]
-        # two host-to-device copies for every finished row's settings
-        idx, slots, top_k, seed, pos = torch.tensor(
-            [done, [r.slot for r in reqs], [int(x.top_k) for x in p], [r.seed for r in reqs],
-             [len(r.prompt) for r in reqs]]).to(dev)
-        temperature, top_p = torch.tensor([[float(x.temperature) for x in p],
-                                           [float(x.top_p) for x in p]]).to(dev)
+        idx, slots, top_k, seed, pos = device_in[rows_p * (T_p + 4):].view(5, len(reqs))
+        floats = torch.tensor([[float(x.temperature) for x in p], [float(x.top_p) for x in p]],
+                              pin_memory=self._pinned)
+        temperature, top_p = floats.to(self.device, non_blocking=True)
         self.temp_buf[slots] = temperature
         self.topk_buf[slots] = top_k
         self.topp_buf[slots] = top_p
         self.seed_buf[slots] = seed
-        first = sample_tokens(logits[idx, -1, : self.vocab_size], self.temp_buf[slots], self.topk_buf[slots],
-                              self.topp_buf[slots], self.seed_buf[slots], pos - 1)
+        last_logits = logits[idx, -1, : self.vocab_size]
+        if all(x.temperature <= 0 for x in p):
+            first = last_logits.argmax(dim=-1)
+        else:
+            first = sample_tokens(last_logits, temperature, top_k, top_p, seed, pos - 1,
+                                  k_max=max(int(x.top_k) for x in p), any_top_p=any(x.top_p < 1.0 for x in p))
         self.tokens_buf[slots] = first
         self.pos_buf[slots] = pos
         self.active_buf[slots] = 1
+        ended = []
         for r in reqs:
             self._prefilling.remove(r)
             r._launched = 1  # decodes from the next launch on
+            self._active_host[r.slot] = True
             if r.params.max_tokens <= 1 or len(r.prompt) + 1 >= self.max_seq_len:
                 r._stopping = True  # its first token ends it: no launch for it (_emit releases it)
-                self.active_buf[r.slot] = 0
+                ended.append(r.slot)
+        self._deactivate(ended)
         # The first tokens are read back after the next decode launch (_emit_first_tokens):
         # the host does not wait for the GPU before giving it that launch.
         out, event = first, None
@@ -573,17 +602,20 @@ class Engine:
             nxt = self._run_decode(B, length, k)  # (k, B)
         else:  # sampling has data-dependent shapes (top-k, top-p): eager, after the graph
             logits = self._run_decode(B, length, 0)
+            p = [self.slots[s].params for s in rows]
             nxt = sample_tokens(logits, self.temp_buf[:B], self.topk_buf[:B], self.topp_buf[:B],
-                                self.seed_buf[:B], self.pos_buf[:B])
+                                self.seed_buf[:B], self.pos_buf[:B], k_max=max(int(x.top_k) for x in p),
+                                any_top_p=any(x.top_p < 1.0 for x in p))
             self._advance(B, nxt)
             nxt = nxt[None]
         self._launches += 1
         for s in rows:
             self.pos_host[s] += k
-        out = nxt.to("cpu", non_blocking=True) if self.device.type == "cuda" else nxt
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
+        out, event = nxt, None
+        if self._readback:
+            buf, event = self._readback[self._launches % len(self._readback)]
+            out = buf[: nxt.shape[0], :B]
+            out.copy_(nxt, non_blocking=True)
             event.record()
         # Requests that reach max_tokens or the end of the cache with this launch get no
         # further one; their idle row writes junk at position 0 of their own slot, which is
@@ -595,10 +627,9 @@ class Engine:
             r._launched += k
             if r._launched >= r.params.max_tokens or self.pos_host[s] >= self.max_seq_len:
                 r._stopping = True
-                self.active_buf[s] = 0
-                self.pos_buf[s] = 0
                 self.pos_host[s] = 0
                 ending.append(s)
+        self._deactivate(ending)
         return rows, [self.slots[s] for s in rows], out, event, set(ending)
 
     def _steps_per_launch(self, rows: list[int], B: int) -> int:
@@ -639,8 +670,7 @@ class Engine:
     def _release(self, r: Request, reason: str, error: str | None = None) -> None:
         if r.slot >= 0 and self.slots[r.slot] is r:
             s = r.slot
-            self.active_buf[s] = 0
-            self.pos_buf[s] = 0
+            self._deactivate([s])
             self.pos_host[s] = 0
             self.slots[s] = None
             heapq.heappush(self._free, s)
@@ -673,9 +703,23 @@ class Engine:
         for r in waiting:
             self._finish(r, "error", message)
 
+    def _deactivate(self, slots: list[int]) -> None:
+        """Stop the rows' decoding on the device (active flag and position to 0), in one
+        host-to-device copy and two kernels for all of them; rows already stopped are skipped.
+        Per-row scalar writes cost the host ~15 us each, several per finished request."""
+        slots = [s for s in slots if self._active_host[s]]
+        if not slots:
+            return
+        for s in slots:
+            self._active_host[s] = False
+        idx = torch.tensor(slots, pin_memory=self._pinned).to(self.device, non_blocking=True)
+        self.active_buf.index_fill_(0, idx, 0)
+        self.pos_buf.index_fill_(0, idx, 0)
+
     def _reset_slots(self) -> None:
         self.active_buf.zero_()
         self.pos_buf.zero_()
+        self._active_host = [False] * self.max_batch
         self.pos_host = [0] * self.max_batch
         self.slots = [None] * self.max_batch
         self._free = list(range(self.max_batch))
@@ -732,7 +776,7 @@ class Engine:
         """The model over the prompt chunks in _prefill_in (rows, T): writes their K/V, returns
         the logits at each row's last chunk position (rows, 1, V)."""
         ids = self._prefill_in[: rows * T].view(rows, T)
-        start, slots, last = self._prefill_in[rows * T: rows * (T + 3)].view(3, rows)
+        start, slots, last = self._prefill_in[rows * T: rows * (T + 3)].view(3, rows)  # meta[:3] of _prefill
         logits, _ = self.model(ids, kv_caches=self.kv, input_pos=start, cache_rows=slots,
                                logits_index=last, kv_len=length)
         return logits

@@ -95,8 +95,10 @@ class Settings(BaseSettings):
     # decode_steps: faster decode, much slower warm-up)
     decode_steps: int = Field(1, ge=1, le=64)
     # decode launches an admitted prompt may wait so that several share a prefill while rows
-    # decode (engine.py's prefill_wait_steps; 0: prefill at once)
-    prefill_wait_steps: int = Field(0, ge=0, le=1024)
+    # decode (engine.py's prefill_wait_steps; 0: prefill at once). Unset: 4 on a GPU (on an
+    # H100 it took 128 clients from 1167 to 1311 req/s, p95 133 -> 110 ms, side by side) and
+    # 0 on a CPU, where a prefill's cost grows with its prompts and gathering them saves little.
+    prefill_wait_steps: int | None = Field(None, ge=0, le=1024)
     max_prompt_tokens: int = Field(2048, ge=8)
     request_timeout_s: float = Field(60.0, gt=0, le=86400)
     api_keys: str = ""  # comma-separated; never logged
@@ -132,7 +134,7 @@ class Settings(BaseSettings):
     def _lower(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "prefill_wait_steps", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v

@@ -80,14 +80,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-server", action="store_true")
-    ap.add_argument("--http-workers", type=int, default=1,
+    # defaults: what serving_h100_server.json measured best with on the H100 machine's 16 cores
+    ap.add_argument("--http-workers", type=int, default=4,
                     help="the server's HTTP_WORKERS (HTTP processes in front of one engine)")
-    ap.add_argument("--load-processes", type=int, default=1,
+    ap.add_argument("--load-processes", type=int, default=8,
                     help="load-generator processes per sweep level (benchmark_api run_sweep processes=)")
     ap.add_argument("--clients", default="1,8,32,64,128,256", help="server sweep: concurrent clients per level")
     ap.add_argument("--decode-steps", type=int, default=1,
                     help="engine decode_steps, for the engine measured here and the server")
-    ap.add_argument("--prefill-wait-steps", type=int, default=0,
+    ap.add_argument("--prefill-wait-steps", type=int, default=4,
                     help="the server's PREFILL_WAIT_STEPS (prompts gather for a shared prefill)")
     ap.add_argument("--server-only", action="store_true",
                     help="only the server sweep (no naive, HF or direct engine runs)")

@@ -178,6 +178,45 @@ def test_sampler_respects_top_k_and_top_p():
     assert abs((draws == top).float().mean().item() - probs[top].item()) < 0.03
 
 
+def test_sampler_given_k_max_and_top_p_flag_matches_reading_them():
+    """The engine passes k_max and any_top_p from the host (reading them would wait for the
+    GPU): the draws must be the ones sample_tokens makes when it reads them itself."""
+    torch.manual_seed(1)
+    B = 16
+    logits = torch.randn(B, 40)
+    temperature = torch.rand(B) + 0.2
+    top_k = torch.tensor([0, 5, 12, 3] * 4)
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.5] * 4)
+    seeds, pos = torch.arange(B) * 7, torch.arange(B)
+    read = sample_tokens(logits, temperature, top_k, top_p, seeds, pos)
+    given = sample_tokens(logits, temperature, top_k, top_p, seeds, pos, k_max=12, any_top_p=True)
+    assert torch.equal(read, given)
+
+
+def test_device_active_flags_follow_the_requests(model):
+    """The host mirrors each slot's active flag so that a finished row costs one batched
+    device write: after every step the device flags equal the mirror, and a slot is active
+    exactly when a live request decodes in it. Stops, max_tokens=1, cancellations included."""
+    engine = Engine(model, max_batch=4, prefill_chunk=8, prefill_batch=2, eos_id=7)
+    rng = random.Random(3)
+    handles = []
+    for i, (prompt, n) in enumerate(random_requests(16, seed=4)):
+        handles.append(engine.submit(prompt, SamplingParams(max_tokens=1 if i % 5 == 0 else n,
+                                                            temperature=0.8 if i % 3 == 0 else 0.0,
+                                                            seed=i, stop_token_ids=(11,))))
+        if i % 7 == 3:
+            handles[rng.randrange(len(handles))].cancel()
+        for _ in range(rng.randint(0, 2)):
+            engine.step()
+            decoding = [int(r is not None and r._launched > 0 and not r._stopping and r.finish_reason is None)
+                        for r in engine.slots]
+            assert engine.active_buf.tolist() == [int(a) for a in engine._active_host] == decoding
+    while not all(h.finished for h in handles):
+        engine.step()
+    assert engine.active_buf.tolist() == [0] * 4 and not any(engine._active_host)
+    assert {h.finish_reason for h in handles} <= {"length", "stop", "cancelled"}
+
+
 def test_full_queue_raises_and_full_cache_waits(model):
     engine = Engine(model, max_batch=2, max_queue=3)
     reqs = [engine.submit([1, 2, 3], SamplingParams(max_tokens=5)) for _ in range(3)]

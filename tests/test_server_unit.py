@@ -140,6 +140,9 @@ def test_engine_settings_reach_the_engine(monkeypatch: pytest.MonkeyPatch, ckpt:
         monkeypatch.setenv(k, v)
     engine, _, _ = load_engine(_engine_config(load_settings()))
     assert (engine.step_buckets, engine.prefill_wait_steps, engine.max_batch) == ([1, 4], 3, 5)
+    monkeypatch.setenv("PREFILL_WAIT_STEPS", "")  # unset: the device's default, 0 on a CPU
+    engine, _, _ = load_engine(_engine_config(load_settings()))
+    assert engine.prefill_wait_steps == 0
     monkeypatch.setenv("PREFILL_WAIT_STEPS", "-1")
     with pytest.raises(SettingsError, match="PREFILL_WAIT_STEPS"):
         load_settings()
