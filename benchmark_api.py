@@ -41,13 +41,16 @@ Usage:
     rows = run_sweep("http://127.0.0.1:8000", [1, 8, 32], requests_per_level=100)
 
 Per-level fields: clients, requests (finished: ok + errors), ok, errors, error_codes
-({"429": n, "ReadTimeout": n}), cancelled, duration_s, req_per_s and tokens_per_s (ok
+({"429": n, "TimeoutError": n}), cancelled, duration_s, req_per_s and tokens_per_s (ok
 requests / output tokens over the level's wall time), p50/p95/p99_ms (end-to-end latency of
 ok requests), ttft_p50/p95_ms and tpot_p50_ms (streaming only; null otherwise: a
 non-streamed answer shows no first token), ms_per_token_p50 (latency / tokens, any mode),
 processes (load-generator processes used), cache_hits (answers the server's response cache
-gave during the level, from /stats; null if the server has no /stats). Prompts are distinct
-per request so a cache has nothing to hit.
+gave during the level, from /stats; null if the server has no /stats), server_p50/p95_ms
+(/complete's own latency_ms: the time spent inside the server), and from /stats' engine
+counters: engine_steps_per_s, engine_mean_batch (rows per decode step), engine_prefills_per_s
+and engine_mean_prefill_rows (null for a server without them, such as vLLM). Prompts are
+distinct per request so a cache has nothing to hit.
 """
 from __future__ import annotations
 
@@ -520,7 +523,7 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
     rows = []
     offset = warmup
     for clients in clients_list:
-        hits_before = _cache_hits(url, api_key)
+        before = _server_stats(url, api_key)
         if min(processes, int(clients)) == 1:
             row = asyncio.run(_run_level(target, int(clients), prompts, requests_per_level,
                                          duration_s, drain_s, seed, progress, offset))
@@ -529,10 +532,11 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
             row = _run_level_processes(target, int(clients), prompts, requests_per_level,
                                        duration_s, drain_s, seed, offset, processes)
             level_prompts = requests_per_level  # the processes' runs of prompts span the bound
-        hits_after = _cache_hits(url, api_key)
+        after = _server_stats(url, api_key)
         # answers served from the server's response cache never touched the model: show them
-        row["cache_hits"] = (hits_after - hits_before
-                             if hits_before is not None and hits_after is not None else None)
+        hits = [s.get("cache_hits") if s else None for s in (before, after)]
+        row["cache_hits"] = hits[1] - hits[0] if all(isinstance(h, int) for h in hits) else None
+        row.update(engine_work(before, after, row["duration_s"]))
         offset += level_prompts
         rows.append(row)
         if progress:
@@ -547,7 +551,8 @@ def _line(r: dict) -> str:
             f"req/s={r['req_per_s']:>7.2f} tok/s={r['tokens_per_s']:>8.1f} "
             f"p50={f(r['p50_ms'])}ms p95={f(r['p95_ms'])}ms p99={f(r['p99_ms'])}ms "
             f"ttft50={f(r['ttft_p50_ms'])}ms tpot50={f(r['tpot_p50_ms'])}ms "
-            f"server50={f(r.get('server_p50_ms'))}ms")
+            f"server50={f(r.get('server_p50_ms'))}ms "
+            f"steps/s={f(r.get('engine_steps_per_s'))} batch={r.get('engine_mean_batch') or '-'}")
 
 
 # ---- server facts -------------------------------------------------------------------------
@@ -562,11 +567,26 @@ def _get_json(url: str, path: str, api_key: str | None) -> Any:
     return None
 
 
-def _cache_hits(url: str, api_key: str | None) -> int | None:
+def _server_stats(url: str, api_key: str | None) -> dict | None:
     stats = _get_json(url, "/stats", api_key)
-    if isinstance(stats, dict) and isinstance(stats.get("cache_hits"), int):
-        return stats["cache_hits"]
-    return None
+    return stats if isinstance(stats, dict) else None
+
+
+def engine_work(before: dict | None, after: dict | None, duration_s: float) -> dict[str, float | None]:
+    """What the engine did during a level, from /stats' cumulative `engine` counters read before
+    and after it: decode steps per second, the mean decode batch (rows per step), and prefills
+    with their mean rows. All None for a server without them (vLLM)."""
+    keys = ("engine_steps_per_s", "engine_mean_batch", "engine_prefills_per_s", "engine_mean_prefill_rows")
+    e0, e1 = ((s or {}).get("engine") for s in (before, after))
+    if not isinstance(e0, dict) or not isinstance(e1, dict):
+        return dict.fromkeys(keys)
+    d = {k: e1.get(k, 0) - e0.get(k, 0) for k in ("decode_steps", "decode_row_steps", "prefills", "prefill_rows")}
+    per_s = (lambda n: round(n / duration_s, 1)) if duration_s > 0 else (lambda n: None)
+    return dict(zip(keys, (
+        per_s(d["decode_steps"]),
+        round(d["decode_row_steps"] / d["decode_steps"], 2) if d["decode_steps"] else None,
+        per_s(d["prefills"]),
+        round(d["prefill_rows"] / d["prefills"], 2) if d["prefills"] else None)))
 
 
 def discover_model(url: str, api_key: str | None) -> str:

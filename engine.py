@@ -151,6 +151,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.where(temperature > 0, sampled, greedy)
 
 
+COUNTERS = ("decode_steps", "decode_row_steps", "prefills", "prefill_rows")  # Engine.counters' keys
+
+
 def _buckets(limit: int, start: int) -> list[int]:
     out, b = [], start
     while b < limit:
@@ -253,6 +256,9 @@ class Engine:
             raise ValueError("prefill_wait_steps must be >= 0")
         self.prefill_wait_steps = prefill_wait_steps
         self._launches = 0
+        # Cumulative work, for /stats and the benchmarks: decode steps run, rows x steps in them
+        # (mean batch = decode_row_steps / decode_steps), prefills and the prompt rows in them.
+        self.counters = dict.fromkeys(COUNTERS, 0)
         # Where a launch's tokens are read back: pinned host buffers reused in turn (a fresh
         # pinned tensor per launch cost the host ~4% of its step time under load on an H100),
         # each with its event. Three: one is read while the next launch's is being written.
@@ -530,6 +536,8 @@ class Engine:
         # position before any query may attend to it, so the junk is never read.
         length = _bucket(max(r.prefilled + T for r in batch), self.len_buckets)
         logits = self._run_prefill(rows_p, T_p, length)[:n]
+        self.counters["prefills"] += 1
+        self.counters["prefill_rows"] += n
         for r, c in zip(batch, chunks):
             r.prefilled += len(c)
             self.pos_host[r.slot] = r.prefilled
@@ -609,6 +617,8 @@ class Engine:
             self._advance(B, nxt)
             nxt = nxt[None]
         self._launches += 1
+        self.counters["decode_steps"] += k
+        self.counters["decode_row_steps"] += k * len(rows)
         for s in rows:
             self.pos_host[s] += k
         out, event = nxt, None

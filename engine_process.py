@@ -7,6 +7,8 @@ socket pairs, one each way. torch is imported only here: the HTTP process keeps 
                       ("cancel", rid); closing the socket means stop
     child -> parent   ("ready", info) or ("load_failed", message) once, then one message per
                       engine step: ("step", [(rid, [token ids])], [(rid, reason, timings)], stats)
+                      with stats (running, waiting, kv usage, healthy, memory bytes, a copy of
+                      Engine.counters)
 
 Several HTTP workers (HTTP_WORKERS > 1, `--listen PATH`): the two inherited sockets are the
 supervisor's control channel (config in, "ready" out; its closing, or the supervisor dying,
@@ -367,7 +369,8 @@ class _Worker:
         now = time.monotonic()
         if now - self._memory_read_at >= MEMORY_READ_INTERVAL_S:
             self._memory, self._memory_read_at = memory_used_bytes(e), now
-        return (e.num_running, e.num_waiting, round(e.kv_cache_usage, 6), bool(e.healthy), self._memory)
+        return (e.num_running, e.num_waiting, round(e.kv_cache_usage, 6), bool(e.healthy), self._memory,
+                dict(e.counters))
 
     def flush(self) -> None:
         """One message per connection with everything since its last one (runs after every engine step)."""

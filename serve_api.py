@@ -213,6 +213,9 @@ class EngineBackend:
             return 0
         return memory_used_bytes(self._engine)
 
+    def engine_counters(self) -> dict[str, int] | None:
+        return dict(self._engine.counters) if self._engine is not None else None
+
     # ---- requests (event loop) ------------------------------------------------------
     def build_prompt(self, prefix: str, suffix: str | None, max_prompt_tokens: int) -> list[int]:
         return build_prompt(self._tokenizer, prefix, suffix, max_prompt_tokens)
@@ -401,6 +404,11 @@ class EngineProcessBackend:
 
     def memory_used_bytes(self) -> int:
         return self._stats[4]
+
+    def engine_counters(self) -> dict[str, int] | None:
+        if len(self._stats) < 6:
+            return None  # no step reported yet
+        return dict(self._stats[5])
 
     # ---- requests (event loop) ------------------------------------------------------
     def build_prompt(self, prefix: str, suffix: str | None, max_prompt_tokens: int) -> list[int]:

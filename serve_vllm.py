@@ -285,6 +285,9 @@ class VLLMBackend:
     def kv_cache_usage(self) -> float:
         return self._sched[2] if self._gens else 0.0
 
+    def engine_counters(self) -> dict[str, int] | None:
+        return None  # vLLM keeps its own (its Prometheus metrics); ours are engine.py's
+
     def memory_used_bytes(self) -> int:
         return _gpu_memory_used(self.settings.tensor_parallel_size) if self._platform == "cuda" else 0
 

@@ -355,6 +355,11 @@ class Backend(Protocol):
 
     def memory_used_bytes(self) -> int: ...
 
+    def engine_counters(self) -> dict[str, int] | None:
+        """Cumulative engine work (engine.COUNTERS: decode_steps, decode_row_steps, prefills,
+        prefill_rows), or None where the backend keeps no such counts."""
+        ...
+
     def load(self) -> None:
         """Load the weights and warm up. Blocking; called once, on a worker thread."""
         ...
@@ -679,6 +684,9 @@ class StatsResponse(BaseModel):
     running: int
     waiting: int
     kv_cache_usage: float
+    engine: dict[str, int] | None = Field(None, description=(
+        "the engine's cumulative work since it started: decode_steps, decode_row_steps (rows x "
+        "steps: their ratio is the mean decode batch), prefills, prefill_rows; null for vLLM"))
     worker_pid: int = Field(description="the HTTP process that answered")
     http_workers: int = Field(1, description="HTTP worker processes sharing the engine (HTTP_WORKERS)")
 
@@ -1684,6 +1692,7 @@ def create_app(backend_factory: BackendFactory, settings: Settings | None = None
             cache_hits=s.cache_hits, cache_misses=s.cache_misses,
             running=st.backend.num_running if loaded else 0, waiting=st.backend.num_waiting if loaded else 0,
             kv_cache_usage=round(st.backend.kv_cache_usage, 6) if loaded else 0.0,
+            engine=st.backend.engine_counters() if loaded else None,
             worker_pid=os.getpid(), http_workers=st.workers)
 
     @app.get("/v1/models", response_model=ModelList, dependencies=protected,

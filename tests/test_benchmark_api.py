@@ -64,6 +64,9 @@ def check_level(row: dict, stream: bool) -> None:
     assert row["req_per_s"] > 0 and row["tokens_per_s"] > 0
     assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     assert row["cache_hits"] == 0  # the server's cache is off: every answer ran the model
+    # from the engine's counters in /stats: it decoded, a row or more per step
+    assert row["engine_steps_per_s"] > 0 and row["engine_mean_batch"] >= 1
+    assert row["engine_prefills_per_s"] > 0 and row["engine_mean_prefill_rows"] >= 1
     if stream:
         # >= 0, not > 0: where the clock ticks every 4 ms (our CI VMs) a first token that comes
         # within a tick reads as 0

@@ -375,3 +375,11 @@ def test_metrics_and_stats(server: ServerProcess, client: httpx.Client) -> None:
     assert stats["model"] == MODEL and stats["device"] == "cpu" and stats["ready"] is True
     assert stats["requests"] >= 1 and stats["errors"] >= 1 and stats["completion_tokens"] >= 1
     assert stats["mean_latency_ms"] > 0 and stats["uptime_s"] > 0
+    # the engine's cumulative work: every prompt was prefilled in some prefill, every decode
+    # step carried at least one row; another request adds its prefill
+    eng = stats["engine"]
+    assert set(eng) == {"decode_steps", "decode_row_steps", "prefills", "prefill_rows"}
+    assert eng["prefill_rows"] >= eng["prefills"] >= 1 and eng["decode_row_steps"] >= eng["decode_steps"] >= 1
+    assert client.post("/complete", json={"code": "def g(", "max_tokens": 3}).status_code == 200
+    later = client.get("/stats").json()["engine"]
+    assert later["prefill_rows"] >= eng["prefill_rows"] + 1 and later["decode_steps"] >= eng["decode_steps"]
