@@ -38,7 +38,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Callable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +46,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, WithJsonSchema,
                       field_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -990,6 +991,9 @@ class Metrics:
         loaded = lambda: 1.0 if state.loaded and not state.load_failed else 0.0  # noqa: E731
         ready = safe(lambda: 1.0 if state.ready else 0.0)
         self.max_in_flight.set(state.max_in_flight)
+        # The engine's cumulative counts, read at scrape time. Not in the multiprocess files: they
+        # are the one engine's, which every worker hears, so any worker's copy is the value.
+        self.registry.register(EngineWorkCollector(backend, state))
         if not self.multiprocess:
             self.running.set_function(running)
             self.waiting.set_function(waiting)
@@ -1015,6 +1019,24 @@ class Metrics:
 
 # =============================================================================
 # auth, rate limit, admission
+
+class EngineWorkCollector:
+    """code_completion_engine_*_total from Backend.engine_counters(): decode steps, rows x
+    decode steps (their rates' ratio is the mean decode batch), prefills and prefill rows.
+    Nothing for a backend without them (vLLM) or before the model is loaded."""
+
+    HELP = {"decode_steps": "decode steps the engine ran",
+            "decode_row_steps": "rows x decode steps (rate / decode_steps rate = mean decode batch)",
+            "prefills": "prefill batches the engine ran", "prefill_rows": "prompt rows in those prefills"}
+
+    def __init__(self, backend: Backend, state: "ServingState") -> None:
+        self.backend, self.state = backend, state
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counters = self.backend.engine_counters() if self.state.loaded and not self.state.load_failed else None
+        for key, text in self.HELP.items() if counters else ():
+            yield CounterMetricFamily(f"code_completion_engine_{key}", text, value=counters.get(key, 0))
+
 
 class RateLimiter:
     """A token bucket per key: `per_minute` requests of burst, refilled continuously."""

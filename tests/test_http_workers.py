@@ -123,6 +123,10 @@ def test_one_engine_both_workers_and_greedy_output_equals_one_worker(two: Server
     assert sum(s["requests"] for s in by_pid.values()) == sent
     # the engine's numbers are the one engine's, whichever worker answers
     assert {(s["running"], s["waiting"], s["device"]) for s in by_pid.values()} == {(0, 0, "cpu")}
+    # and so are its cumulative counts (idle now): every request's prompt went through a prefill
+    engine_counts = {tuple(sorted(s["engine"].items())) for s in by_pid.values()}
+    assert len(engine_counts) == 1 and dict(*engine_counts)["prefill_rows"] >= sent, engine_counts
+    prefill_rows = dict(*engine_counts)["prefill_rows"]
     # /metrics on any worker counts every worker's requests
     for _ in range(6):
         text = httpx.get(two.url + "/metrics", timeout=10).text
@@ -130,6 +134,7 @@ def test_one_engine_both_workers_and_greedy_output_equals_one_worker(two: Server
         assert metric_value(text, "code_completion_active_requests") == 0.0
         assert metric_value(text, "model_loaded") == 1.0 and metric_value(text, "code_completion_ready") == 1.0
         assert metric_value(text, "code_completion_max_in_flight_requests") == 8.0  # 2 + 6, split 4 / 4
+        assert metric_value(text, "code_completion_engine_prefill_rows_total") == prefill_rows  # not summed
 
 
 def test_every_single_process_metric_name_is_exported(two: ServerProcess) -> None:

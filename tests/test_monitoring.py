@@ -609,7 +609,9 @@ def test_every_metric_and_label_used_is_exported(server: ServerProcess, traffic:
                    "code_completion_cache_hits_total", "code_completion_cache_misses_total",
                    "code_completion_cache_errors_total", "code_completion_ready",
                    "code_completion_max_in_flight_requests", "code_completion_rejections_total",
-                   "code_completion_stream_errors_total"):
+                   "code_completion_stream_errors_total", "code_completion_engine_decode_steps_total",
+                   "code_completion_engine_decode_row_steps_total", "code_completion_engine_prefills_total",
+                   "code_completion_engine_prefill_rows_total"):
         assert family in seen, f"{family} is exported but neither alerted on nor on the dashboard"
 
 

@@ -366,7 +366,8 @@ def test_metrics_and_stats(server: ServerProcess, client: httpx.Client) -> None:
                  "code_completion_time_per_output_token_seconds_bucket", "code_completion_prompt_tokens_total",
                  "code_completion_requests_running", "code_completion_requests_waiting",
                  "code_completion_kv_cache_usage_ratio", "code_completion_cache_hits_total",
-                 "code_completion_cache_misses_total"):
+                 "code_completion_cache_misses_total", "code_completion_engine_decode_steps_total",
+                 "code_completion_engine_decode_row_steps_total", "code_completion_engine_prefills_total"):
         assert name in text, name
     assert metric_value(text, "model_loaded") == 1.0 and metric_value(text, "code_completion_ready") == 1.0
     assert metric_value(text, "code_completion_max_in_flight_requests") == 16 + 64  # sequences + queue
@@ -379,7 +380,13 @@ def test_metrics_and_stats(server: ServerProcess, client: httpx.Client) -> None:
     # step carried at least one row; another request adds its prefill
     eng = stats["engine"]
     assert set(eng) == {"decode_steps", "decode_row_steps", "prefills", "prefill_rows"}
-    assert eng["prefill_rows"] >= eng["prefills"] >= 1 and eng["decode_row_steps"] >= eng["decode_steps"] >= 1
-    assert client.post("/complete", json={"code": "def g(", "max_tokens": 3}).status_code == 200
+    assert eng["prefill_rows"] >= eng["prefills"] >= 1 and eng["decode_row_steps"] >= eng["decode_steps"] >= 0
+    r = client.post("/complete", json={"code": "def g(", "max_tokens": 3})
+    assert r.status_code == 200
     later = client.get("/stats").json()["engine"]
-    assert later["prefill_rows"] >= eng["prefill_rows"] + 1 and later["decode_steps"] >= eng["decode_steps"]
+    assert later["prefill_rows"] >= eng["prefill_rows"] + 1
+    # the first token comes from the prefill, every further one from a decode step
+    assert later["decode_steps"] >= eng["decode_steps"] + (r.json()["tokens"] >= 2)
+    # /metrics exports the same counts (read after /stats: never fewer)
+    text = httpx.get(server.url + "/metrics").text
+    assert metric_value(text, "code_completion_engine_prefill_rows_total") >= later["prefill_rows"]
