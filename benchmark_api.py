@@ -33,6 +33,10 @@ Usage:
         --prompts-from data/stdlib/val_files.json --requests 500 --duration 30 \\
         --out bench/results/sweep.json
 
+    # open loop: Poisson arrivals at fixed request rates, as real users come (they do not wait
+    # for each other; closed-loop clients with equal requests fall into step and arrive in bursts)
+    python benchmark_api.py --mode rate --rates 50,100,200 --duration 30 --requests 10000
+
     # TTFT / time per output token through SSE on the OpenAI route
     python benchmark_api.py --mode sweep --endpoint v1 --stream --api-key KEY
 
@@ -244,9 +248,12 @@ def _session(target: Target) -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=target.timeout_s, sock_connect=10.0))
 
 
-async def _one(client: aiohttp.ClientSession, target: Target, prompt: str, seed: int) -> Sample:
+async def _one(client: aiohttp.ClientSession, target: Target, prompt: str, seed: int,
+               t0: float | None = None) -> Sample:
+    """One request. Latency and TTFT count from t0 (default: now); the open-loop mode passes the
+    request's scheduled arrival, so time it waited for a free connection counts too."""
     path, body = target.body(prompt, seed)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     try:
         if not target.stream:
             async with client.post(target.url + path, json=body) as r:
@@ -413,6 +420,68 @@ async def _run_level(target: Target, clients: int, prompts: Sequence[str], reque
     return _level_row(target, clients, requests, samples, issued, elapsed, processes=1)
 
 
+async def _drive_open(target: Target, rate: float, prompts: Sequence[str], requests: int,
+                      duration_s: float, drain_s: float, seed: int, offset: int,
+                      max_in_flight: int) -> tuple[list[Sample], int, float, int]:
+    """Open loop: requests arrive as a Poisson process of `rate` per second (seeded), whatever
+    the answers; (samples, issued, elapsed_s, peak in flight). Real users do not wait for each
+    other: closed-loop clients with equal requests fall into step and arrive in bursts. At most
+    max_in_flight requests are open at once (a connection each, reused); later arrivals wait
+    for one, and that wait counts in their latency."""
+    rng = random.Random(seed + offset)
+    slots = asyncio.Semaphore(max_in_flight)
+    idle: list[aiohttp.ClientSession] = []
+    sessions: list[aiohttp.ClientSession] = []
+    samples: list[Sample] = []
+    in_flight = peak = 0
+    last_done = start = time.perf_counter()
+
+    async def one(i: int, due: float) -> None:
+        nonlocal in_flight, peak, last_done
+        async with slots:
+            if not idle:
+                sessions.append(_session(target))
+                idle.append(sessions[-1])
+            client = idle.pop()
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                samples.append(await _one(client, target, prompts[(offset + i) % len(prompts)], seed + offset + i,
+                                          t0=due))
+            finally:
+                in_flight -= 1
+                idle.append(client)
+                last_done = time.perf_counter()
+
+    tasks = []
+    due = start
+    try:
+        for i in range(requests):
+            due += rng.expovariate(rate)
+            if due - start > duration_s:
+                break
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i, due)))
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, start + duration_s + drain_s - time.perf_counter()))
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+    elapsed = (last_done if samples else time.perf_counter()) - start
+    return samples, len(tasks), elapsed, peak
+
+
+def _run_rate_level(target: Target, rate: float, prompts: Sequence[str], requests: int, duration_s: float,
+                    drain_s: float, seed: int, offset: int, max_in_flight: int) -> dict:
+    samples, issued, elapsed, peak = asyncio.run(_drive_open(target, rate, prompts, requests, duration_s,
+                                                             drain_s, seed, offset, max_in_flight))
+    row = _level_row(target, peak, requests, samples, issued, elapsed, processes=1)
+    # clients is the peak number of requests in flight; rate what was offered
+    return {"rate": rate, **row}
+
+
 def _level_row(target: Target, clients: int, requests: int, samples: list[Sample], issued: int,
                elapsed: float, processes: int) -> dict:
     row = summarize(clients, samples, elapsed, issued - len(samples), target.stream)
@@ -502,8 +571,13 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
               duration_s: float = 30.0, drain_s: float = 30.0,
               prompts: Sequence[str] | None = None, api_key: str | None = None,
               model: str | None = None, timeout_s: float = 120.0, warmup: int = 1,
-              seed: int = 0, progress: bool = True, processes: int = 1) -> list[dict]:
+              seed: int = 0, progress: bool = True, processes: int = 1,
+              rates: Sequence[float] | None = None, max_in_flight: int = 1024) -> list[dict]:
     """Benchmark each concurrency in clients_list in turn; one summary dict per level.
+
+    rates: open loop instead (Poisson arrivals at each rate in requests/s, at most max_in_flight
+    open at once, one process); clients_list is then unused and each row's `rate` is the
+    offered rate, its `clients` the peak number of requests in flight.
 
     Not callable from inside a running event loop (it runs its own with asyncio.run).
     stream=True implies endpoint="v1" (SSE lives on /v1/completions).
@@ -511,6 +585,8 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
     spawned processes (the duration bound applies to each); no progress bar then."""
     if processes < 1:
         raise ValueError(f"processes must be >= 1, not {processes}")
+    if rates is not None and (processes != 1 or any(r <= 0 for r in rates) or max_in_flight < 1):
+        raise ValueError("open-loop rates must be > 0, with one process and max_in_flight >= 1")
     if stream:
         endpoint = "v1"
     target = Target(url, endpoint, stream, max_tokens, temperature, api_key,
@@ -522,14 +598,18 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
         asyncio.run(_warmup(target, prompts, warmup))
     rows = []
     offset = warmup
-    for clients in clients_list:
+    for level in (rates if rates is not None else clients_list):
         before = _server_stats(url, api_key)
-        if min(processes, int(clients)) == 1:
-            row = asyncio.run(_run_level(target, int(clients), prompts, requests_per_level,
+        if rates is not None:
+            row = _run_rate_level(target, float(level), prompts, requests_per_level, duration_s, drain_s,
+                                  seed, offset, max_in_flight)
+            level_prompts = row["requests"] + row["cancelled"]
+        elif min(processes, int(level)) == 1:
+            row = asyncio.run(_run_level(target, int(level), prompts, requests_per_level,
                                          duration_s, drain_s, seed, progress, offset))
             level_prompts = row["requests"] + row["cancelled"]
         else:
-            row = _run_level_processes(target, int(clients), prompts, requests_per_level,
+            row = _run_level_processes(target, int(level), prompts, requests_per_level,
                                        duration_s, drain_s, seed, offset, processes)
             level_prompts = requests_per_level  # the processes' runs of prompts span the bound
         after = _server_stats(url, api_key)
@@ -547,7 +627,8 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
 def _line(r: dict) -> str:
     def f(x: float | None) -> str:
         return "-" if x is None else f"{x:.0f}"
-    return (f"clients={r['clients']:>4} ok={r['ok']:>5} err={r['errors']:>3} "
+    rate = f"rate={r['rate']:>7.1f}/s " if "rate" in r else ""
+    return (f"{rate}clients={r['clients']:>4} ok={r['ok']:>5} err={r['errors']:>3} "
             f"req/s={r['req_per_s']:>7.2f} tok/s={r['tokens_per_s']:>8.1f} "
             f"p50={f(r['p50_ms'])}ms p95={f(r['p95_ms'])}ms p99={f(r['p99_ms'])}ms "
             f"ttft50={f(r['ttft_p50_ms'])}ms tpot50={f(r['tpot_p50_ms'])}ms "
@@ -620,18 +701,20 @@ def plot(rows: list[dict], path: str | Path, title: str) -> None:
     matplotlib.use("Agg")  # headless: no display on a server
     import matplotlib.pyplot as plt
 
-    xs = [r["clients"] for r in rows]
+    open_loop = all("rate" in r for r in rows)
+    xs = [r["rate"] if open_loop else r["clients"] for r in rows]
+    xlabel = "offered requests/s (Poisson arrivals)" if open_loop else "concurrent clients"
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, label in (("p50_ms", "p50"), ("p95_ms", "p95"), ("ttft_p50_ms", "TTFT p50")):
         ys = [r.get(key) for r in rows]
         if any(y is not None for y in ys):
             a1.plot(xs, [math.nan if y is None else y for y in ys], "o-", label=label)
-    a1.set_xlabel("concurrent clients")
+    a1.set_xlabel(xlabel)
     a1.set_ylabel("latency (ms)")
     a1.set_title("latency")
     a1.legend()
     a2.plot(xs, [r["tokens_per_s"] for r in rows], "o-", color="tab:green", label="output tok/s")
-    a2.set_xlabel("concurrent clients")
+    a2.set_xlabel(xlabel)
     a2.set_ylabel("output tokens/s", color="tab:green")
     a3 = a2.twinx()
     a3.plot(xs, [r["req_per_s"] for r in rows], "s--", color="tab:purple", label="req/s")
@@ -658,14 +741,28 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _rate_list(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 or math.isinf(v) for v in values):
+        raise argparse.ArgumentTypeError("rates must be positive requests per second")
+    return values
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--mode", choices=("sequential", "concurrent", "sweep"), default="sequential")
+    p.add_argument("--mode", choices=("sequential", "concurrent", "sweep", "rate"), default="sequential")
     p.add_argument("--clients", type=int, default=8, help="concurrent mode: number of clients")
     p.add_argument("--clients-list", type=_int_list, default=list(DEFAULT_CLIENTS),
                    help="sweep mode: comma-separated levels (default 1,8,32,64,128,256)")
+    p.add_argument("--rates", type=_rate_list, default=[10.0, 50.0, 100.0],
+                   help="rate mode: comma-separated offered requests/s, Poisson arrivals (open loop)")
+    p.add_argument("--max-in-flight", type=int, default=1024,
+                   help="rate mode: requests open at once; later arrivals wait (and their wait counts)")
     p.add_argument("--endpoint", choices=("complete", "v1"), default="complete")
     p.add_argument("--stream", action="store_true",
                    help="SSE on /v1/completions (implies --endpoint v1): measures TTFT and TPOT")
@@ -694,14 +791,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stream:
         args.endpoint = "v1"
-    if args.requests < 1 or args.duration <= 0 or args.processes < 1:
-        p.error("--requests and --processes must be >= 1 and --duration > 0")
+    if args.requests < 1 or args.duration <= 0 or args.processes < 1 or args.max_in_flight < 1:
+        p.error("--requests, --processes and --max-in-flight must be >= 1 and --duration > 0")
+    if args.mode == "rate" and args.processes != 1:
+        p.error("--mode rate runs in one process (--processes 1)")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    levels = {"sequential": [1], "concurrent": [args.clients], "sweep": args.clients_list}[args.mode]
+    levels = {"sequential": [1], "concurrent": [args.clients], "sweep": args.clients_list,
+              "rate": args.rates}[args.mode]
     n_prompts = args.num_prompts or min(20_000, args.requests * len(levels) + args.warmup)
     prompts, prompt_desc = load_prompts(args.prompts_from, n_prompts, args.prompt_tokens, args.seed)
     if args.prompts_from is None:
@@ -711,7 +811,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      requests_per_level=args.requests, duration_s=args.duration,
                      drain_s=args.drain, prompts=prompts, api_key=args.api_key,
                      model=args.model, timeout_s=args.timeout, warmup=args.warmup,
-                     seed=args.seed, progress=not args.no_progress, processes=args.processes)
+                     seed=args.seed, progress=not args.no_progress, processes=args.processes,
+                     rates=args.rates if args.mode == "rate" else None, max_in_flight=args.max_in_flight)
     result = {
         "url": args.url,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

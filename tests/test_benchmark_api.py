@@ -154,6 +154,27 @@ def test_cli_sweep(server_url: str, val_files: Path, tmp_path: Path, stream: boo
     assert estimate["capacity"]["req_per_s"] == max(row["req_per_s"] for row in data["results"])
 
 
+def test_cli_rate_mode_is_open_loop(server_url: str, val_files: Path, tmp_path: Path) -> None:
+    """--mode rate: requests arrive as a seeded Poisson process at each offered rate for
+    --duration seconds, whatever the answers (no client waits for its previous one)."""
+    out = tmp_path / "rate.json"
+    r = run_cli("--url", server_url, "--mode", "rate", "--rates", "5,20", "--duration", "3", "--requests", "1000",
+                "--max-tokens", str(MAX_TOKENS), "--prompts-from", str(val_files), "--prompt-tokens", "32",
+                "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["mode"] == "rate" and [row["rate"] for row in data["results"]] == [5.0, 20.0]
+    for row in data["results"]:
+        check_level(row, False)
+        assert row["stopped_by"] == "duration" and row["clients"] >= 1  # clients: the peak in flight
+        # a Poisson count over 3 s: about rate x 3 arrivals, well within 4 standard deviations
+        mean, issued = row["rate"] * 3, row["requests"] + row["cancelled"]
+        assert abs(issued - mean) <= 4 * mean ** 0.5 + 1, (issued, mean)
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+    bad = run_cli("--url", server_url, "--mode", "rate", "--rates", "5,-1")
+    assert bad.returncode == 2 and "rates must be positive" in bad.stderr
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_run_sweep_in_process(server_url: str, stream: bool) -> None:
     rows = benchmark_api.run_sweep(server_url, [1, 4], endpoint="v1" if stream else "complete",
