@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -90,6 +89,8 @@ def main() -> None:
                     help="engine decode_steps, for the engine measured here and the server")
     ap.add_argument("--prefill-wait-steps", type=int, default=4,
                     help="the server's PREFILL_WAIT_STEPS (prompts gather for a shared prefill)")
+    ap.add_argument("--rates", default="",
+                    help="server: open-loop levels after the sweep, offered req/s (Poisson), e.g. 500,1000,2000")
     ap.add_argument("--server-only", action="store_true",
                     help="only the server sweep (no naive, HF or direct engine runs)")
     ap.add_argument("--out", default="bench/results/serving_h100.json")
@@ -124,8 +125,7 @@ def main() -> None:
     result["targets"] = check_targets(result)
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".partial.json").unlink(missing_ok=True)
-    print(json.dumps({k: v for k, v in result.items()
-                      if not k.startswith("profile") and k != "engine_occupancy_samples"}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("profile")}, indent=2))
 
 
 def measure_direct(model: GPT, prompt: list[int], g: torch.Generator, args: argparse.Namespace,
@@ -270,42 +270,25 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
             if proc.poll() is not None:
                 raise RuntimeError("server exited during start")
             time.sleep(1)
-        # Engine occupancy while the sweep runs: is the engine full, or starved in front of it?
-        samples: list[dict] = []
-        stop = threading.Event()
-
-        def poll() -> None:
-            while not stop.is_set():
-                try:
-                    st = requests.get(url + "/stats", timeout=2).json()
-                    samples.append({"t": round(time.time(), 2), "running": st.get("running"),
-                                    "waiting": st.get("waiting")})
-                except (requests.RequestException, ValueError):
-                    pass
-                stop.wait(0.5)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
+        # each level's row carries the engine's step rate and mean batch (from /stats' counters)
         single = benchmark_api.run_sweep(url, [1], max_tokens=args.new_tokens,
                                          requests_per_level=100, duration_s=20, progress=False,
                                          prompts=prompts)
         sweep = []
         for clients in (int(c) for c in args.clients.split(",") if c.strip()):
-            t0 = time.time()
             row = benchmark_api.run_sweep(url, [clients], max_tokens=args.new_tokens,
                                           requests_per_level=3000, duration_s=12, progress=False,
                                           prompts=prompts, processes=args.load_processes)[0]
-            window = [x for x in samples if t0 <= x["t"] <= time.time() and x["running"] is not None]
-            if window:
-                row["engine_running_mean"] = sum(x["running"] for x in window) / len(window)
-                row["engine_running_max"] = max(x["running"] for x in window)
-                row["engine_waiting_max"] = max(x["waiting"] for x in window)
             sweep.append(row)
             # each level as it ends: a run stopped at a time limit still leaves what it measured
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(sweep, indent=2) + "\n")
-        stop.set()
-        poller.join(5)
-        return {"server_single": single, "concurrency": sweep, "engine_occupancy_samples": samples,
+        # open loop (Poisson arrivals): the latency at a given request rate, without the bursts
+        # of closed-loop clients that fall into step
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        open_loop = benchmark_api.run_sweep(url, rates=rates, max_tokens=args.new_tokens,
+                                            requests_per_level=40_000, duration_s=10, progress=False,
+                                            prompts=prompts) if rates else []
+        return {"server_single": single, "concurrency": sweep, "open_loop": open_loop,
                 "single_stream_p50_ms_server": single[0]["p50_ms"],
                 "server_http_workers": args.http_workers, "load_processes": args.load_processes,
                 "server_decode_steps": args.decode_steps, "server_prefill_wait_steps": args.prefill_wait_steps}
