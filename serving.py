@@ -1023,7 +1023,8 @@ class Metrics:
 class EngineWorkCollector:
     """code_completion_engine_*_total from Backend.engine_counters(): decode steps, rows x
     decode steps (their rates' ratio is the mean decode batch), prefills and prefill rows.
-    Nothing for a backend without them (vLLM) or before the model is loaded."""
+    The families are always exported, without samples for a backend that has no such counts
+    (vLLM) or before the model is loaded: both backends list the same metric names."""
 
     HELP = {"decode_steps": "decode steps the engine ran",
             "decode_row_steps": "rows x decode steps (rate / decode_steps rate = mean decode batch)",
@@ -1034,8 +1035,11 @@ class EngineWorkCollector:
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         counters = self.backend.engine_counters() if self.state.loaded and not self.state.load_failed else None
-        for key, text in self.HELP.items() if counters else ():
-            yield CounterMetricFamily(f"code_completion_engine_{key}", text, value=counters.get(key, 0))
+        for key, text in self.HELP.items():
+            family = CounterMetricFamily(f"code_completion_engine_{key}", text)
+            if counters:
+                family.add_metric([], counters.get(key, 0))
+            yield family
 
 
 class RateLimiter:
