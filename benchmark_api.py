@@ -67,6 +67,7 @@ import shlex
 import sys
 import sysconfig
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -74,7 +75,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import aiohttp
-import requests
 
 DEFAULT_CLIENTS = (1, 8, 32, 64, 128, 256)
 CHARS_PER_TOKEN = 3.5  # BPE on Python source averages ~3-4 chars/token; only a rough target
@@ -640,10 +640,10 @@ def _line(r: dict) -> str:
 def _get_json(url: str, path: str, api_key: str | None) -> Any:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        r = requests.get(url.rstrip("/") + path, headers=headers, timeout=10.0)
-        if r.status_code == 200:
-            return r.json()
-    except (requests.RequestException, json.JSONDecodeError):
+        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + path, headers=headers),
+                                    timeout=10.0) as r:
+            return json.loads(r.read())
+    except (OSError, ValueError):  # URLError and HTTPError (any non-2xx) are OSErrors; bad JSON
         pass  # optional endpoints: a server without them is still benchmarkable
     return None
 
