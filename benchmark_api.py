@@ -393,16 +393,23 @@ async def _drive(target: Target, clients: int, prompts: Sequence[str], requests:
     pools = [_session(target) for _ in range(clients)]
     try:
         tasks = [asyncio.create_task(client_loop(c, pools[c])) for c in range(clients)]
-        # hard stop: after the issue window closes, in-flight requests get drain_s, then go
-        _, pending = await asyncio.wait(tasks, timeout=duration_s + drain_s)
-        for t in pending:
-            t.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await _wait_or_cancel(tasks, duration_s + drain_s)
     finally:
         await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
     # throughput over the span in which requests ran, not including idle drain time
     elapsed = (last_done if samples else time.perf_counter()) - start
     return samples, issued, elapsed
+
+
+async def _wait_or_cancel(tasks: list[asyncio.Task], timeout_s: float) -> None:
+    """The level's hard stop: after the issue window closes, in-flight requests get the drain
+    time (what is left of it), then are cancelled."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout_s))
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _run_level(target: Target, clients: int, prompts: Sequence[str], requests: int,
@@ -462,11 +469,7 @@ async def _drive_open(target: Target, rate: float, prompts: Sequence[str], reque
                 break
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
             tasks.append(asyncio.create_task(one(i, due)))
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=max(0.0, start + duration_s + drain_s - time.perf_counter()))
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await _wait_or_cancel(tasks, start + duration_s + drain_s - time.perf_counter())
     finally:
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
     elapsed = (last_done if samples else time.perf_counter()) - start

@@ -15,7 +15,8 @@ A continuous-batching generator of token ids over a KV cache allocated once:
   per k tokens instead of per token. On CPU the same code runs eagerly.
 - On CUDA the prefill replays CUDA graphs too (the eager model captured per rows x chunk x
   attended-length bucket), and its first tokens are read back after the next decode launch.
-  `prefill_wait_steps` (opt-in) lets prompts gather while rows decode to share one prefill.
+  `prefill_wait_steps` lets prompts gather while rows decode to share one prefill (0 here;
+  the server sets 4 on a GPU, where it was measured faster).
 - Sampling runs on the device: temperature, top-k, top-p, with Gumbel noise from a hash of
   (request seed, position, token) so a seeded request samples the same tokens whatever
   else shares its batch.
@@ -151,6 +152,12 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     return torch.where(temperature > 0, sampled, greedy)
 
 
+def _sampling_bounds(params: list[SamplingParams]) -> dict[str, int | bool]:
+    """sample_tokens' k_max and any_top_p for these requests, known on the host (reading them
+    from the device tensors would wait for the GPU)."""
+    return {"k_max": max(int(x.top_k) for x in params), "any_top_p": any(x.top_p < 1.0 for x in params)}
+
+
 COUNTERS = ("decode_steps", "decode_row_steps", "prefills", "prefill_rows")  # Engine.counters' keys
 
 
@@ -251,7 +258,8 @@ class Engine:
         # several share one prefill (0: prefill at once). A prefill's cost on a GPU hardly
         # depends on how many prompts it carries, and under steady load one arrives about
         # every step: prefilling each alone adds a prefill to nearly every step. TGI's
-        # max_waiting_tokens is the same idea. Opt-in until measured on a GPU.
+        # max_waiting_tokens is the same idea. 0 by default here; the server passes 4 on a GPU
+        # (engine_process.GPU_PREFILL_WAIT_STEPS, measured in serving_h100_prefill_wait.json).
         if prefill_wait_steps < 0:
             raise ValueError("prefill_wait_steps must be >= 0")
         self.prefill_wait_steps = prefill_wait_steps
@@ -558,8 +566,7 @@ class Engine:
         if all(x.temperature <= 0 for x in p):
             first = last_logits.argmax(dim=-1)
         else:
-            first = sample_tokens(last_logits, temperature, top_k, top_p, seed, pos - 1,
-                                  k_max=max(int(x.top_k) for x in p), any_top_p=any(x.top_p < 1.0 for x in p))
+            first = sample_tokens(last_logits, temperature, top_k, top_p, seed, pos - 1, **_sampling_bounds(p))
         self.tokens_buf[slots] = first
         self.pos_buf[slots] = pos
         self.active_buf[slots] = 1
@@ -610,10 +617,8 @@ class Engine:
             nxt = self._run_decode(B, length, k)  # (k, B)
         else:  # sampling has data-dependent shapes (top-k, top-p): eager, after the graph
             logits = self._run_decode(B, length, 0)
-            p = [self.slots[s].params for s in rows]
-            nxt = sample_tokens(logits, self.temp_buf[:B], self.topk_buf[:B], self.topp_buf[:B],
-                                self.seed_buf[:B], self.pos_buf[:B], k_max=max(int(x.top_k) for x in p),
-                                any_top_p=any(x.top_p < 1.0 for x in p))
+            nxt = sample_tokens(logits, self.temp_buf[:B], self.topk_buf[:B], self.topp_buf[:B], self.seed_buf[:B],
+                                self.pos_buf[:B], **_sampling_bounds([self.slots[s].params for s in rows]))
             self._advance(B, nxt)
             nxt = nxt[None]
         self._launches += 1

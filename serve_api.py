@@ -304,7 +304,8 @@ class EngineProcessBackend:
         self._loop_thread: int | None = None
         self._reading = False
         self._poller: Any = None
-        self._stats: tuple = (0, 0, 0.0, True, 0)  # running, waiting, kv usage, healthy, memory bytes
+        # running, waiting, kv usage, healthy, memory bytes, engine counters (None until a step reports them)
+        self._stats: tuple = (0, 0, 0.0, True, 0, None)
         self._dead: str | None = None
         self._stopping = False
         self.on_stats: Callable[[], None] | None = None  # called when the engine's stats change
@@ -406,9 +407,8 @@ class EngineProcessBackend:
         return self._stats[4]
 
     def engine_counters(self) -> dict[str, int] | None:
-        if len(self._stats) < 6:
-            return None  # no step reported yet
-        return dict(self._stats[5])
+        counters = self._stats[5]
+        return dict(counters) if counters is not None else None
 
     # ---- requests (event loop) ------------------------------------------------------
     def build_prompt(self, prefix: str, suffix: str | None, max_prompt_tokens: int) -> list[int]:
