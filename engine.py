@@ -27,6 +27,7 @@ A continuous-batching generator of token ids over a KV cache allocated once:
 """
 from __future__ import annotations
 
+import array
 import heapq
 import itertools
 import logging
@@ -87,10 +88,18 @@ class Request:
     _admitted_at: int = 0  # the engine's decode-launch count when it got a slot
     _stopping: bool = False  # no further steps: its last token is in flight
     _done: threading.Event = field(default_factory=threading.Event)
+    # Set by Engine.submit so that emitting a token costs one set lookup and one int compare:
+    # the ids that end it (its stop tokens and the engine's eos) and the number of tokens at
+    # which it ends by length (max_tokens, or the end of the cache after its prompt).
+    _stop_ids: frozenset[int] = frozenset()
+    _max_new: int = 0
+    _on_cancel: Callable[[], None] | None = None  # tells the engine a cancellation waits
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at its next step (thread-safe)."""
-        self._cancelled = True
+        self._cancelled = True  # before the hook: the engine clears its flag, then reads this
+        if self._on_cancel is not None:
+            self._on_cancel()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -240,6 +249,12 @@ class Engine:
         self._rows = torch.arange(max_batch, device=self.device)
         self.pos_host = [0] * max_batch
         self._active_host = [False] * max_batch  # mirrors active_buf: a device write only when it changes
+        # The decoding rows (the slots active_buf marks, ascending) and their requests, rebuilt
+        # only when a row starts or stops rather than scanned from the slots every launch; and
+        # how many of them sample, so a launch knows it is greedy without looking at each row.
+        self._sampling_host = [False] * max_batch
+        self._n_sampling = 0
+        self._decoding: tuple[list[int], list[Request]] | None = None  # None: to rebuild
         self.slots: list[Request | None] = [None] * max_batch
         self._free = list(range(max_batch))  # a heap: the lowest free slot first keeps batches dense
         self.batch_buckets = _buckets(max_batch, 1)
@@ -304,6 +319,9 @@ class Engine:
         self._prefilling: list[Request] = []
         self._ids = itertools.count()
         self._cv = threading.Condition()
+        # Set by Request.cancel: the scheduler looks for cancelled requests only after one,
+        # not through every slot at every step.
+        self._cancel_pending = False
         self._thread: threading.Thread | None = None
         self._running = False
         self._pending: tuple | None = None  # a launched decode step whose tokens are unread
@@ -327,6 +345,9 @@ class Engine:
             raise ValueError("max_tokens must be >= 1")
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         req = Request(next(self._ids), list(prompt), params, seed & 0x7FFFFFFF, on_token, on_finish)
+        req._stop_ids = frozenset(params.stop_token_ids) | ({self.eos_id} if self.eos_id is not None else set())
+        req._max_new = min(params.max_tokens, self.max_seq_len - len(req.prompt))
+        req._on_cancel = self._note_cancel
         with self._cv:
             if not self.healthy:
                 raise EngineDead(self.dead_reason or "engine is not running")
@@ -375,7 +396,7 @@ class Engine:
 
     @property
     def num_running(self) -> int:
-        return sum(r is not None for r in self.slots)
+        return self.max_batch - len(self._free)  # every slot not free holds a request
 
     @property
     def num_waiting(self) -> int:
@@ -384,12 +405,11 @@ class Engine:
     @property
     def kv_cache_usage(self) -> float:
         """Fraction of the cache's token positions held by live requests."""
-        used = sum(self.pos_host[s] for s, r in enumerate(self.slots) if r is not None)
+        used = sum(self.pos_host)  # a free slot's position is 0 (_release, _reset_slots)
         return used / (self.max_batch * self.max_seq_len)
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._pending
-                    or any(r is not None for r in self.slots))
+        return bool(self._waiting or self._prefilling or self._pending or self.num_running)
 
     @torch.no_grad()
     def warmup(self, max_len: int | None = None) -> None:
@@ -466,7 +486,13 @@ class Engine:
             else:
                 self._finish_decode(*launched)
 
+    def _note_cancel(self) -> None:
+        self._cancel_pending = True
+
     def _drop_cancelled(self) -> None:
+        if not self._cancel_pending:
+            return
+        self._cancel_pending = False  # cleared before the scan: a cancel during it sets it again
         with self._cv:
             cancelled = [r for r in self._waiting if r._cancelled]
             for r in cancelled:
@@ -503,13 +529,13 @@ class Engine:
     def _prefill(self) -> None:
         """One padded batch of prompt chunks; rows whose prompt ends here get their first token."""
         batch: list[Request] = []
-        T = 0
+        T = start = 0  # the longest chunk and the furthest start in the batch
         for r in self._prefilling[: self.prefill_batch]:
             n = min(len(r.prompt) - r.prefilled, self.prefill_chunk)
             # padded to the longest chunk, every row must still end inside the cache
-            if all(x.prefilled + max(T, n) <= self.max_seq_len for x in batch + [r]):
+            if max(start, r.prefilled) + max(T, n) <= self.max_seq_len:
                 batch.append(r)
-                T = max(T, n)
+                T, start = max(T, n), max(start, r.prefilled)
         chunks = [r.prompt[r.prefilled: r.prefilled + T] for r in batch]
         n = len(batch)
         if self.pad_prefill:
@@ -523,23 +549,30 @@ class Engine:
         # from pageable memory would wait for the decode launch in flight, and the host would
         # prepare the next launch only once the GPU is idle): the chunks (rows, T), then
         # (4, rows) of start positions, slots, last-token indices and positions after the
-        # chunk, then (5, finished) of row index, slot, top_k, seed and prompt length.
-        host = torch.zeros(rows_p * (T_p + 4) + 5 * len(reqs), dtype=torch.long, pin_memory=self._pinned)
-        ids, meta = host[: rows_p * T_p].view(rows_p, T_p), host[rows_p * T_p: rows_p * (T_p + 4)].view(4, rows_p)
-        for i, c in enumerate(chunks):
-            ids[i, : len(c)] = torch.tensor(c)
-        meta[0, :n] = torch.tensor([r.prefilled for r in batch])
-        meta[1] = self.max_batch  # pad rows: the spare slot
-        meta[1, :n] = torch.tensor([r.slot for r in batch])
-        meta[2, :n] = torch.tensor([len(c) - 1 for c in chunks])
-        meta[3, :n] = meta[0, :n] + meta[2, :n] + 1
+        # chunk, then (5, finished) of row index, slot, top_k, seed and prompt length. Built as
+        # one Python list and converted once, through an array: a torch.tensor per chunk and per
+        # meta row cost the host ~5 us each, and torch.tensor of the whole list 40 us at 700 ids.
+        flat: list[int] = []
+        for c in chunks:
+            flat += c
+            flat += [0] * (T_p - len(c))
+        pad = [0] * (rows_p - n)
+        flat += [0] * (T_p * (rows_p - n))
+        starts, lasts = [r.prefilled for r in batch], [len(c) - 1 for c in chunks]
+        flat += starts + pad
+        flat += [r.slot for r in batch] + [self.max_batch] * (rows_p - n)  # pad rows: the spare slot
+        flat += lasts + pad
+        flat += [a + b + 1 for a, b in zip(starts, lasts)] + pad
         if reqs:
-            host[rows_p * (T_p + 4):] = torch.tensor(
-                [done, [r.slot for r in reqs], [int(x.top_k) for x in p], [r.seed for r in reqs],
-                 [len(r.prompt) for r in reqs]]).view(-1)
+            flat += done + [r.slot for r in reqs] + [int(x.top_k) for x in p] + [r.seed for r in reqs]
+            flat += [len(r.prompt) for r in reqs]
+        host = torch.frombuffer(array.array("q", flat), dtype=torch.long)  # shares the array's memory
+        if self._pinned:
+            host = host.pin_memory()
         device_in = self._prefill_in[: host.numel()]
         device_in.copy_(host, non_blocking=True)
-        slots_in, new_pos = device_in[rows_p * (T_p + 1): rows_p * (T_p + 4)].view(3, rows_p)[::2, :n]  # meta[1], [3]
+        meta = device_in[rows_p * T_p: rows_p * (T_p + 4)].view(4, rows_p)
+        slots_in, new_pos = meta[1, :n], meta[3, :n]
         # Pad positions past the end write junk K/V beyond the prompt: decode overwrites each
         # position before any query may attend to it, so the junk is never read.
         length = _bucket(max(r.prefilled + T for r in batch), self.len_buckets)
@@ -554,10 +587,10 @@ class Engine:
         self.pos_buf[slots_in] = new_pos
         if not reqs:
             return
-        idx, slots, top_k, seed, pos = device_in[rows_p * (T_p + 4):].view(5, len(reqs))
+        idx, slots, top_k, seed, pos = device_in[rows_p * (T_p + 4):].view(5, len(reqs)).unbind()
         floats = torch.tensor([[float(x.temperature) for x in p], [float(x.top_p) for x in p]],
                               pin_memory=self._pinned)
-        temperature, top_p = floats.to(self.device, non_blocking=True)
+        temperature, top_p = floats.to(self.device, non_blocking=True).unbind()
         self.temp_buf[slots] = temperature
         self.topk_buf[slots] = top_k
         self.topp_buf[slots] = top_p
@@ -571,10 +604,13 @@ class Engine:
         self.pos_buf[slots] = pos
         self.active_buf[slots] = 1
         ended = []
+        self._decoding = None
         for r in reqs:
             self._prefilling.remove(r)
             r._launched = 1  # decodes from the next launch on
             self._active_host[r.slot] = True
+            self._sampling_host[r.slot] = sampling = not r.params.temperature <= 0  # the greedy test's negation
+            self._n_sampling += sampling
             if r.params.max_tokens <= 1 or len(r.prompt) + 1 >= self.max_seq_len:
                 r._stopping = True  # its first token ends it: no launch for it (_emit releases it)
                 ended.append(r.slot)
@@ -596,20 +632,27 @@ class Engine:
         if event is not None:
             event.synchronize()  # the prefill's, recorded before the decode launched after it
         now = time.perf_counter()
-        for r, tok in zip(reqs, out.tolist()):
+        for r in reqs:
             r.first_token_time = now
-            self._emit(r, tok)
+        self._emit(reqs, out.tolist(), range(len(reqs)))
 
     def _active_rows(self) -> list[int]:
-        return [s for s, r in enumerate(self.slots)
-                if r is not None and r.finish_reason is None and r._launched > 0 and not r._stopping]
+        """The decoding slots, ascending: a live request's whose first token is made and whose
+        last is not launched yet. Exactly the slots _active_host marks (tests check it)."""
+        if self._decoding is None:
+            rows = [s for s, active in enumerate(self._active_host) if active]
+            self._decoding = rows, [self.slots[s] for s in rows]
+        return self._decoding[0]
 
     def _launch_decode(self):
         rows = self._active_rows()
         if not rows:
             return None
-        B = _bucket(max(rows) + 1, self.batch_buckets)
-        greedy = all(self.slots[s].params.temperature <= 0 for s in rows)
+        # Both lists are rebuilt, never changed in place, when a row starts or stops: the
+        # launch keeps them until its tokens are read back, the next step on CUDA.
+        reqs = self._decoding[1]
+        B = _bucket(rows[-1] + 1, self.batch_buckets)
+        greedy = self._n_sampling == 0
         k = self._steps_per_launch(rows, B) if greedy else 1
         # every row in [0, B) writes at its positions this launch, live or not: stay in bounds
         length = _bucket(max(self.pos_host[:B]) + k, self.len_buckets)
@@ -618,14 +661,12 @@ class Engine:
         else:  # sampling has data-dependent shapes (top-k, top-p): eager, after the graph
             logits = self._run_decode(B, length, 0)
             nxt = sample_tokens(logits, self.temp_buf[:B], self.topk_buf[:B], self.topp_buf[:B], self.seed_buf[:B],
-                                self.pos_buf[:B], **_sampling_bounds([self.slots[s].params for s in rows]))
+                                self.pos_buf[:B], **_sampling_bounds([r.params for r in reqs]))
             self._advance(B, nxt)
             nxt = nxt[None]
         self._launches += 1
         self.counters["decode_steps"] += k
         self.counters["decode_row_steps"] += k * len(rows)
-        for s in rows:
-            self.pos_host[s] += k
         out, event = nxt, None
         if self._readback:
             buf, event = self._readback[self._launches % len(self._readback)]
@@ -636,16 +677,19 @@ class Engine:
         # further one; their idle row writes junk at position 0 of their own slot, which is
         # harmless. A launch of k steps may run a row past its max_tokens: the extra tokens
         # are dropped on read-back and their K/V land in positions nobody reads.
+        pos_host, max_seq_len = self.pos_host, self.max_seq_len
         ending = []
-        for s in rows:
-            r = self.slots[s]
+        for s, r in zip(rows, reqs):  # one pass per row: this runs every launch
+            pos = pos_host[s] + k
             r._launched += k
-            if r._launched >= r.params.max_tokens or self.pos_host[s] >= self.max_seq_len:
+            if r._launched >= r.params.max_tokens or pos >= max_seq_len:
                 r._stopping = True
-                self.pos_host[s] = 0
-                ending.append(s)
-        self._deactivate(ending)
-        return rows, [self.slots[s] for s in rows], out, event, set(ending)
+                pos = 0
+                ending.append(r)
+            pos_host[s] = pos
+        if ending:
+            self._deactivate([r.slot for r in ending])
+        return rows, reqs, out, event, ending
 
     def _steps_per_launch(self, rows: list[int], B: int) -> int:
         """Greedy steps for this launch: the most (a step bucket) that the rows still want,
@@ -657,30 +701,39 @@ class Engine:
         room = self.max_seq_len - max(self.pos_host[:B])
         return max(k for k in self.step_buckets if k <= min(want, room) or k == 1)
 
-    def _finish_decode(self, rows, reqs, out, event, ending) -> None:
+    def _finish_decode(self, rows: list[int], reqs: list[Request], out: torch.Tensor,
+                       event: torch.cuda.Event | None, ending: list[Request]) -> None:
         if event is not None:
             event.synchronize()
         for step_tokens in out.tolist():  # (k, B): one list of row tokens per step
-            for s, r in zip(rows, reqs):
-                if r.finish_reason is None:  # else finished (stop, cancel, length) meanwhile
-                    self._emit(r, step_tokens[s])
-        for s, r in zip(rows, reqs):
-            if r.finish_reason is None and s in ending:
+            self._emit(reqs, step_tokens, rows)
+        for r in ending:  # in row order, as they were launched
+            if r.finish_reason is None:
                 self._release(r, "length")
 
-    def _emit(self, r: Request, token: int) -> None:
-        r.tokens.append(token)
-        if r.on_token is not None:
-            try:
-                r.on_token(token)
-            except Exception:  # a broken consumer loses its request, not the engine
-                log.warning("on_token callback failed for request %d", r.id)
-                r._cancelled = True
-        stops = r.params.stop_token_ids
-        if token in stops or (self.eos_id is not None and token == self.eos_id):
-            self._release(r, "stop")
-        elif len(r.tokens) >= r.params.max_tokens or len(r.prompt) + len(r.tokens) >= self.max_seq_len:
-            self._release(r, "length")
+    def _emit(self, reqs: list[Request], tokens: list[int], cols: list[int] | range) -> None:
+        """Each request of reqs still live gets its token, tokens[col]: appended, streamed,
+        then checked against its stop ids and length. Runs once per row and step, the engine's
+        hottest host code: one loop over the rows, no method call per token, and each check
+        one lookup in what submit precomputed (Request._stop_ids, _max_new)."""
+        release = self._release
+        for r, c in zip(reqs, cols):
+            if r.finish_reason is not None:  # finished (stop, cancel, length) meanwhile
+                continue
+            token = tokens[c]
+            got = r.tokens
+            got.append(token)
+            on_token = r.on_token
+            if on_token is not None:
+                try:
+                    on_token(token)
+                except Exception:  # a broken consumer loses its request, not the engine
+                    log.warning("on_token callback failed for request %d", r.id)
+                    r.cancel()
+            if token in r._stop_ids:
+                release(r, "stop")
+            elif len(got) >= r._max_new:
+                release(r, "length")
 
     def _release(self, r: Request, reason: str, error: str | None = None) -> None:
         if r.slot >= 0 and self.slots[r.slot] is r:
@@ -725,8 +778,10 @@ class Engine:
         slots = [s for s in slots if self._active_host[s]]
         if not slots:
             return
+        self._decoding = None
         for s in slots:
             self._active_host[s] = False
+            self._n_sampling -= self._sampling_host[s]
         idx = torch.tensor(slots, pin_memory=self._pinned).to(self.device, non_blocking=True)
         self.active_buf.index_fill_(0, idx, 0)
         self.pos_buf.index_fill_(0, idx, 0)
@@ -735,6 +790,9 @@ class Engine:
         self.active_buf.zero_()
         self.pos_buf.zero_()
         self._active_host = [False] * self.max_batch
+        self._sampling_host = [False] * self.max_batch
+        self._n_sampling = 0
+        self._decoding = None
         self.pos_host = [0] * self.max_batch
         self.slots = [None] * self.max_batch
         self._free = list(range(self.max_batch))

@@ -347,3 +347,62 @@ def test_greedy_launches_run_several_steps_when_nobody_waits(model):
     while not second.finished:
         engine.step()
     assert first.tokens == ref and second.tokens == generate_without_cache(model, [1, 2], 3)
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_host_bookkeeping_matches_the_requests(model, decode_steps):
+    """The scheduler keeps host-side summaries instead of scanning the slots every step (the
+    decoding rows and their requests, how many of them sample, running count, KV usage, a
+    cancellation flag, each request's stop ids and length limit). After every step they must
+    equal what the slots say, and every request must end exactly where its own checks put it."""
+    engine = Engine(model, max_batch=5, prefill_chunk=16, prefill_batch=3, eos_id=9, decode_steps=decode_steps)
+    rng = random.Random(decode_steps)
+    handles = []
+    for i, (prompt, n) in enumerate(random_requests(24, seed=6) + [([4] * 92, 20), ([5] * 94, 1)]):
+        params = SamplingParams(max_tokens=n, temperature=0.9 if i % 4 == 1 else 0.0, seed=i,
+                                stop_token_ids=(13, 21) if i % 3 == 0 else ())
+        handles.append((prompt, params, engine.submit(prompt, params)))
+        if i % 6 == 5:
+            rng.choice(handles)[2].cancel()
+        for _ in range(rng.randint(0, 3)):
+            engine.step()
+            decoding = [s for s, r in enumerate(engine.slots)
+                        if r is not None and r.finish_reason is None and r._launched > 0 and not r._stopping]
+            assert engine._active_rows() == decoding
+            assert engine._n_sampling == sum(engine.slots[s].params.temperature > 0 for s in decoding)
+            assert engine.num_running == sum(r is not None for r in engine.slots)
+            used = sum(engine.pos_host[s] for s, r in enumerate(engine.slots) if r is not None)
+            assert engine.kv_cache_usage == used / (engine.max_batch * engine.max_seq_len)
+    while not all(h.finished for _, _, h in handles):
+        engine.step()
+    assert engine.num_running == 0 and not engine.has_work() and engine._active_rows() == []
+    reasons = set()
+    for prompt, params, h in handles:
+        reasons.add(h.finish_reason)
+        stops = set(params.stop_token_ids) | {9}
+        assert not stops & set(h.tokens[:-1])  # nothing after a stop token
+        limit = min(params.max_tokens, engine.max_seq_len - len(prompt))
+        if h.finish_reason == "stop":
+            assert h.tokens[-1] in stops and len(h.tokens) <= limit
+        elif h.finish_reason == "length":
+            assert len(h.tokens) == limit
+        else:
+            assert h.finish_reason == "cancelled" and len(h.tokens) < limit
+    assert {"length", "cancelled"} <= reasons
+
+
+def test_a_failing_on_token_callback_cancels_only_its_request(model):
+    """A consumer whose callback raises loses its request at the next step; the others, in
+    the same decode batch, go on to their full length."""
+    engine = Engine(model, max_batch=3)
+
+    def broken(token: int) -> None:
+        raise ValueError("consumer gone")
+
+    good = [engine.submit([1, 2, 3], SamplingParams(max_tokens=8)) for _ in range(2)]
+    bad = engine.submit([4, 5, 6], SamplingParams(max_tokens=8), on_token=broken)
+    while not all(r.finished for r in good + [bad]):
+        engine.step()
+    assert bad.finish_reason == "cancelled" and len(bad.tokens) < 8
+    assert [r.finish_reason for r in good] == ["length"] * 2 and all(len(r.tokens) == 8 for r in good)
+    assert engine.num_running == 0 and sorted(engine._free) == [0, 1, 2]
