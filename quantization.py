@@ -7,9 +7,8 @@ Modes (the `mode` of `meta["quantization"]`):
                       quantized Linear (fbgemm/oneDNN int8 GEMM; activations are quantized on
                       the fly per call). Stored as int8 weight + float64 scales + zero points.
     int8-weight-only  GPU serving. Per-output-channel symmetric int8 weights, dequantized inside
-                      the matmul: F.linear(x, w.to(x.dtype)) * scales. Meant for torch.compile
-                      to fuse the conversion into the matmul; in the engine's dynamic-shape decode
-                      step on an H100 it does not yet (quantization_h100.json's profile).
+                      the matmul: for 1-16 rows on CUDA one Triton kernel (int8_gemv.py), else
+                      F.linear(x, w.to(x.dtype)) * scales.
     int4-weight-only  Group-wise asymmetric 4-bit weights packed two per byte, dequantized in
                       forward. Known to cost a 124M model real perplexity: quantize_model.py
                       only writes it if it passes the quality gate.
@@ -37,6 +36,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import int8_gemv
 from checkpoint import CheckpointError
 from model import GPT, GPTConfig
 
@@ -117,8 +117,7 @@ class WeightOnlyInt8Linear(nn.Module):
     """y = (x @ q.T) * scales + bias with q int8 (out, in): gpt-fast's WeightOnlyInt8Linear.
 
     Weight bytes are a quarter of fp32 (half of bf16); where decode is memory-bound, reading
-    int8 and converting in registers is the speed-up, if the conversion is fused into the
-    matmul (see forward). Scales and bias follow the
+    int8 and converting in registers is the speed-up (see forward). Scales and bias follow the
     model's float dtype (`model.to(torch.bfloat16)` casts them; the int8 stays int8)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
@@ -127,14 +126,22 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("bias", bias)
+        # the Triton kernel for 1-16 rows on CUDA where Triton is installed; the benchmarks
+        # switch it off to measure the plain formula side by side (set_int8_kernel)
+        self.triton = int8_gemv.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Traced into the engine's compiled decode step. There, with dynamic shapes, Inductor
-        # was measured writing the bf16 weight with a separate kernel before cuBLAS (no fusion:
-        # int8 0.75x of bf16 at batch 1, quantization_h100.json). Eager (the prefill, captured
-        # as CUDA graphs) stays plain too: a separately compiled int8_linear called eagerly cost
-        # ~0.9 ms of host time per call on an H100 (a 16 x 16-token prefill of the 124M shape
-        # took 52 ms against 7.9 ms plain and 5.9 ms in bf16): batch-16 int8 was 8-16x slower.
+        rows = x.numel() // self.in_features
+        if self.triton and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and rows <= int8_gemv.MAX_ROWS:
+            # Decode-sized inputs: one Triton kernel reads the int8 rows and scales in registers
+            # (int8_gemv.py says why Inductor's own code for the formula below was slower than
+            # bf16). Under torch.compile `rows <= 16` is a guard on the batch size: batches
+            # past 16 get their own compiled graph, which takes the plain path.
+            y = int8_gemv.int8_linear_op(x.reshape(rows, self.in_features), self.qweight, self.scales, self.bias)
+            return y.view(*x.shape[:-1], self.out_features)
+        # Everything else (CPU, prefill, large batches): the plain formula. Eager prefill is
+        # captured as CUDA graphs; a separately compiled int8_linear called eagerly there cost
+        # ~0.9 ms of host time per call on an H100 (batch-16 int8 was 8-16x slower than bf16).
         return int8_linear(x, self.qweight, self.scales, self.bias)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -142,6 +149,15 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def set_int8_kernel(model: nn.Module, enabled: bool) -> int:
+    """Switch the Triton int8 kernel of every WeightOnlyInt8Linear on or off (off: the plain
+    formula everywhere, for side-by-side measurements); returns how many modules it set."""
+    modules = [m for m in model.modules() if isinstance(m, WeightOnlyInt8Linear)]
+    for m in modules:
+        m.triton = enabled and int8_gemv.available()
+    return len(modules)
 
 
 class WeightOnlyInt4Linear(nn.Module):

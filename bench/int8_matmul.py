@@ -4,7 +4,8 @@
 
 For GPT-2 124M/774M layer shapes and M = 1, 16 rows: bf16 F.linear; our int8_linear compiled
 with dynamic shapes (what WeightOnlyInt8Linear ran); compiled for static shapes; and
-dequantise-then-cuBLAS. Times are per call inside a CUDA graph (triton's do_bench_cudagraph),
+dequantise-then-cuBLAS; and int8_gemv.py's Triton kernel (what the engine now runs for 1-16
+rows, autotuned on its first call). Times are per call inside a CUDA graph (triton's do_bench_cudagraph),
 so launch overhead is excluded and the kernels alone are compared. The coordinate-descent
 variant is gpt-fast's setting (inductor tunes each generated kernel's block sizes).
 """
@@ -20,10 +21,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import int8_gemv  # noqa: E402
 from quantization import int8_linear  # noqa: E402
 
-SHAPES = {"124M c_attn": (768, 2304), "124M c_fc": (768, 3072), "124M mlp c_proj": (3072, 768),
-          "774M c_attn": (1280, 3840), "774M c_fc": (1280, 5120), "774M mlp c_proj": (5120, 1280)}
+SHAPES = {"124M c_attn": (768, 2304), "124M attn c_proj": (768, 768), "124M c_fc": (768, 3072),
+          "124M mlp c_proj": (3072, 768), "124M lm_head": (768, 50304),
+          "774M c_attn": (1280, 3840), "774M attn c_proj": (1280, 1280), "774M c_fc": (1280, 5120),
+          "774M mlp c_proj": (5120, 1280), "774M lm_head": (1280, 50304)}
 
 
 def dequant_then_mm(x, q, s, b):
@@ -33,6 +37,7 @@ def dequant_then_mm(x, q, s, b):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/int8_matmul_h100.json")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the variants (default all)")
     args = ap.parse_args()
     from triton.testing import do_bench_cudagraph
 
@@ -46,12 +51,15 @@ def main() -> None:
         "int8_compiled_static_coordinate_descent": (lambda f: lambda x, w, q, s, b: f(x, q, s, b))(
             torch.compile(int8_linear, dynamic=False, options={"coordinate_descent_tuning": True})),
         "int8_dequant_then_cublas": lambda x, w, q, s, b: dequant_then_mm(x, q, s, b),
+        "int8_triton": lambda x, w, q, s, b: int8_gemv.int8_matmul(x, q, s, b),  # what the engine runs
     }
+    if args.variants:
+        variants = {k: variants[k] for k in args.variants.split(",")}
     rows = []
     for name, (k, n) in SHAPES.items():
         w = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
-        s = w.float().abs().amax(dim=1) / 127
-        q = (w.float() / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+        s = (w.float().abs().amax(dim=1) / 127).to(dtype)
+        q = (w.float() / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
         b = torch.zeros(n, device=dev, dtype=dtype)
         for m in (1, 16):
             x = torch.randn(m, k, device=dev, dtype=dtype)
@@ -60,6 +68,10 @@ def main() -> None:
                 for _ in range(3):
                     fn(x, w, q, s, b)
                 row[vname + "_us"] = round(do_bench_cudagraph(lambda: fn(x, w, q, s, b), rep=50) * 1000, 2)
+            if "int8_triton" in variants:  # the kernel against the plain formula, relative max error
+                want = dequant_then_mm(x, q, s, b).float()
+                got = int8_gemv.int8_matmul(x, q, s, b).float()
+                row["int8_triton_rel_err"] = float((got - want).abs().max() / want.abs().max())
             row["bf16_weight_read_us_at_3TBps"] = round(n * k * 2 / 3.0e12 * 1e6, 2)
             rows.append(row)
             print(json.dumps(row), flush=True)

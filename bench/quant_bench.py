@@ -16,7 +16,9 @@ CPU (this 2-core machine) -> bench/results/quantization_cpu.json, mode int8-dyna
 GPU (the lead runs this on an H100, < 6 min) -> --out, mode int8-weight-only vs bf16:
     python bench/quant_bench.py --device cuda --out bench/results/quantization_h100.json
     shapes GPT-2 124M / 355M / 774M, random weights, bf16; tokens/s at batch 1 and 16 through
-    the Engine (CUDA graphs; the int8 matmul under torch.compile) and MB of weights resident on the GPU.
+    the Engine (CUDA graphs; int8 through int8_gemv.py's Triton kernel inside the compiled step)
+    and MB of weights resident on the GPU. --plain-int8 124M adds the int8 model without that
+    kernel, side by side; --no-profile skips the profiles (each compiles two more engines).
 
 Dry run of the GPU path's code on a CPU:
     python bench/quant_bench.py --device cpu --shapes tiny --out /tmp/quantization_dry.json
@@ -24,6 +26,7 @@ Dry run of the GPU path's code on a CPU:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -44,11 +47,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
+import int8_gemv  # noqa: E402
 from benchmark_quantization import format_table, load_model_for_bench, measure_speed  # noqa: E402
 from data import open_tokens, read_data_meta, sample_windows  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from quantization import perplexity, quantization_meta, quantize_model, weight_bytes  # noqa: E402
+from quantization import (perplexity, quantization_meta, quantize_model, set_int8_kernel,  # noqa: E402
+                          weight_bytes)
 
 log = logging.getLogger("quant_bench")
 
@@ -286,8 +291,12 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
         qmodel, qstate = quantize_model(model, "int8-weight-only")
         del qstate
         qmodel = qmodel.to(device=device, dtype=dtype).eval()
-        log.info("[%s] measuring bf16 vs int8-weight-only on %s", name, device)
-        speed = measure_speed({"bf16": model, "int8": qmodel}, args.tokens, args.runs, batch=16)
+        models = {"bf16": model, "int8": qmodel}
+        if name in args.plain_int8.split(","):  # the same int8 weights without the Triton kernel
+            models["int8_plain"] = copy.deepcopy(qmodel)
+            set_int8_kernel(models["int8_plain"], False)
+        log.info("[%s] measuring %s on %s", name, " vs ".join(models), device)
+        speed = measure_speed(models, args.tokens, args.runs, batch=16)
         f, q = speed["bf16"], speed["int8"]
         rows.append({
             "name": name, "config": cfg.to_dict(), "dtype": str(dtype).removeprefix("torch."),
@@ -296,22 +305,29 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
             "bf16_tok_s_b16": round(f["tokens_per_s_b16"], 1), "int8_tok_s_b16": round(q["tokens_per_s_b16"], 1),
             "speedup_b1": round(q["tokens_per_s_b1"] / f["tokens_per_s_b1"], 2),
             "speedup_b16": round(q["tokens_per_s_b16"] / f["tokens_per_s_b16"], 2),
+            "int8_kernel": "triton" if int8_gemv.available() and device.type == "cuda" else "plain",
             "seconds": round(time.perf_counter() - start, 1),
         })
+        if "int8_plain" in speed:
+            p = speed["int8_plain"]
+            rows[-1].update(int8_plain_tok_s_b1=round(p["tokens_per_s_b1"], 1),
+                            int8_plain_tok_s_b16=round(p["tokens_per_s_b16"], 1))
         log.info("[%s] %s", name, rows[-1])
-        if device.type == "cuda" and rows[-1]["speedup_b16"] < 1.0:
+        if device.type == "cuda" and args.profile and min(rows[-1]["speedup_b1"], rows[-1]["speedup_b16"]) < 1.0:
             rows[-1]["profile_b16"] = {"bf16": profile_batch_gpu(model), "int8": profile_batch_gpu(qmodel)}
             log.info("[%s] int8 b16 profile:\n%s", name, "\n".join(rows[-1]["profile_b16"]["int8"]["top_cuda"]))
         if args.out:  # each shape as it ends: a run stopped at a time limit keeps what it measured
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(rows, indent=2) + "\n")
-        del model, qmodel, speed
+        del model, qmodel, models, speed
         if device.type == "cuda":
             torch.cuda.empty_cache()
     notes = [
         "random weights in bf16 (speed and memory don't depend on the values); int8 = "
-        "int8-weight-only: per-row int8 weights + bf16 scales, F.linear(x, w.to(bf16)) * scales, "
-        "the int8 matmul compiled with the rest of the Engine's decode step (torch.compile, "
-        "dynamic shapes) and captured in its CUDA graphs.",
+        "int8-weight-only: per-row int8 weights + bf16 scales. For 1-16 rows (decode at batch 1 "
+        "and 16) int8_gemv.py's Triton kernel (int8_kernel: triton), called as one custom op "
+        "from the Engine's compiled decode step and captured in its CUDA graphs; larger inputs "
+        "(prefill) F.linear(x, w.to(bf16)) * scales. int8_plain_*: the same int8 model with "
+        "the kernel off (the plain formula everywhere), measured in the same run.",
         "*_mb is weights resident on the device; int8 keeps a bf16 copy of the embedding (wte, "
         "dequantized at load) for the lookup next to lm_head's int8 rows.",
         "tok/s at batch 1 is decode only (prefill excluded); at batch 16 it includes prefill.",
@@ -347,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="new tokens per speed run")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--plain-int8", default="", help="GPU shapes (comma-separated) whose int8 model is also "
+                   "measured with the Triton kernel off (quantization.set_int8_kernel), side by side")
+    p.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPU: profile a shape where int8 is slower than bf16 (two more engines to compile)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
