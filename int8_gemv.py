@@ -106,6 +106,8 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None, config: dict[str, int] | None = None) -> torch.Tensor:
     """(M, K) x int8 (N, K) -> (M, N) in x's dtype, M <= MAX_ROWS, through the Triton kernels.
     `config` (block sizes) only under the interpreter; on a GPU the autotuner picks them."""
+    if triton is None:
+        raise RuntimeError("int8_matmul needs Triton (pip install triton); callers check available() first")
     M, K = x.shape
     N = qweight.shape[0]
     if M > MAX_ROWS or qweight.shape[1] != K:
