@@ -521,7 +521,7 @@ class Engine:
         """Prefill now, or let admitted prompts gather (prefill_wait_steps) while rows decode."""
         if self.prefill_wait_steps == 0 or len(self._prefilling) >= self.prefill_batch:
             return True
-        if not self._active_rows():
+        if not self._decoding_rows()[0]:
             return True
         oldest = min(r._admitted_at for r in self._prefilling)
         return self._launches - oldest >= self.prefill_wait_steps
@@ -636,24 +636,23 @@ class Engine:
             r.first_token_time = now
         self._emit(reqs, out.tolist(), range(len(reqs)))
 
-    def _active_rows(self) -> list[int]:
-        """The decoding slots, ascending: a live request's whose first token is made and whose
-        last is not launched yet. Exactly the slots _active_host marks (tests check it)."""
+    def _decoding_rows(self) -> tuple[list[int], list[Request]]:
+        """The decoding slots, ascending, and their requests: a live request's whose first token
+        is made and whose last is not launched yet. Exactly the slots _active_host marks (tests
+        check it). Both lists are rebuilt, never changed in place, when a row starts or stops:
+        a launch keeps them until its tokens are read back, the next step on CUDA."""
         if self._decoding is None:
             rows = [s for s, active in enumerate(self._active_host) if active]
             self._decoding = rows, [self.slots[s] for s in rows]
-        return self._decoding[0]
+        return self._decoding
 
     def _launch_decode(self):
-        rows = self._active_rows()
+        rows, reqs = self._decoding_rows()
         if not rows:
             return None
-        # Both lists are rebuilt, never changed in place, when a row starts or stops: the
-        # launch keeps them until its tokens are read back, the next step on CUDA.
-        reqs = self._decoding[1]
         B = _bucket(rows[-1] + 1, self.batch_buckets)
         greedy = self._n_sampling == 0
-        k = self._steps_per_launch(rows, B) if greedy else 1
+        k = self._steps_per_launch(reqs, B) if greedy else 1
         # every row in [0, B) writes at its positions this launch, live or not: stay in bounds
         length = _bucket(max(self.pos_host[:B]) + k, self.len_buckets)
         if greedy:
@@ -691,13 +690,13 @@ class Engine:
             self._deactivate([r.slot for r in ending])
         return rows, reqs, out, event, ending
 
-    def _steps_per_launch(self, rows: list[int], B: int) -> int:
+    def _steps_per_launch(self, reqs: list[Request], B: int) -> int:
         """Greedy steps for this launch: the most (a step bucket) that the rows still want,
         1 while a request waits for a free slot or is mid-prefill (it joins at the next
         launch, so long launches would hold up its first token), and never past the cache."""
         if len(self.step_buckets) == 1 or self._prefilling or (self._waiting and self._free):
             return 1
-        want = max(self.slots[s].params.max_tokens - self.slots[s]._launched for s in rows)
+        want = max(r.params.max_tokens - r._launched for r in reqs)
         room = self.max_seq_len - max(self.pos_host[:B])
         return max(k for k in self.step_buckets if k <= min(want, room) or k == 1)
 

@@ -44,7 +44,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("code_assistant.engine_process")
 
@@ -153,6 +153,18 @@ def frame(data: bytes) -> bytes:
     """multiprocessing.connection's framing (a 4-byte big-endian length): what
     Connection.recv_bytes reads, written here with plain socket writes that need not block."""
     return struct.pack("!i", len(data)) + data
+
+
+def token_collector(tokens: dict[int, list[int]], rid: int) -> Callable[[int], None]:
+    """A request's on_token: appends to tokens[rid], the step's new tokens that flush sends.
+    Runs once per token in the engine loop (bench/engine_host.py times it with the rest)."""
+    def on_token(token: int) -> None:
+        got = tokens.get(rid)
+        if got is None:
+            tokens[rid] = [token]
+        else:
+            got.append(token)
+    return on_token
 
 
 def timings(r: Any) -> tuple[float | None, float | None, float | None]:
@@ -341,14 +353,8 @@ class _Worker:
         max_tokens, temperature, top_k, top_p, seed, stop_ids = params
         sp = self._params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           seed=seed, stop_token_ids=tuple(stop_ids))
-        tokens, requests = c.tokens, c.requests
-
-        def on_token(token: int) -> None:
-            got = tokens.get(rid)
-            if got is None:
-                tokens[rid] = [token]
-            else:
-                got.append(token)
+        requests = c.requests
+        on_token = token_collector(c.tokens, rid)
 
         def on_finish(r: Any) -> None:
             requests.pop(rid, None)

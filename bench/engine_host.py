@@ -10,8 +10,8 @@ _launch_decode, _finish_decode, _emit, _release, _deactivate) with only the mode
 _run_decode returns precomputed tokens and _run_prefill zero logits, about as cheap as a replay.
 The engine's few other tensor ops (the prefill's input copy and slot writes, stopping rows) run
 on the CPU, where a GPU would launch kernels at a similar host cost.
-Requests carry callbacks shaped like the server's (engine_process._Worker: new tokens gathered
-per request id, the stats tuple read after each step), and a closed loop keeps --rows of them in
+Requests carry the server's own on_token (engine_process.token_collector: new tokens gathered
+per request id) and read the stats after each step as _Worker.flush does, and a closed loop keeps --rows of them in
 flight as benchmark_api's clients do: every finished request is replaced at the next step. The
 first wave's lengths are staggered so that requests finish a few per step, as under load.
 Greedy only (sampling adds device work, not host work).
@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import Engine, SamplingParams  # noqa: E402
+from engine_process import token_collector  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 VOCAB = 512
@@ -55,16 +56,8 @@ def build(args: argparse.Namespace) -> Engine:
 
     def submit(max_tokens: int) -> None:
         rid = next(rids)
-
-        def on_token(token: int) -> None:
-            got = new_tokens.get(rid)
-            if got is None:
-                new_tokens[rid] = [token]
-            else:
-                got.append(token)
-
-        engine.submit(prompt, SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,)), on_token=on_token,
-                      on_finish=lambda r: finished.append(rid))
+        engine.submit(prompt, SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,)),
+                      on_token=token_collector(new_tokens, rid), on_finish=lambda r: finished.append(rid))
 
     def on_step_end() -> tuple:
         # what _Worker.flush reads from the engine after every step, then the clients' next requests

@@ -337,9 +337,9 @@ def test_greedy_launches_run_several_steps_when_nobody_waits(model):
     engine = Engine(model, max_batch=1, decode_steps=4)
     first = engine.submit(prompt, SamplingParams(max_tokens=17))
     engine.step()
-    assert engine._steps_per_launch([0], 1) == 4
+    assert engine._steps_per_launch([first], 1) == 4
     second = engine.submit([1, 2], SamplingParams(max_tokens=3))
-    assert engine._steps_per_launch([0], 1) == 4  # no free slot: the waiting request can't join
+    assert engine._steps_per_launch([first], 1) == 4  # no free slot: the waiting request can't join
     while not first.finished:
         engine.step()
     engine.step()  # prefill gives its first token; it wants 2 more, fewer than 4: a 1-step launch
@@ -368,14 +368,14 @@ def test_host_bookkeeping_matches_the_requests(model, decode_steps):
             engine.step()
             decoding = [s for s, r in enumerate(engine.slots)
                         if r is not None and r.finish_reason is None and r._launched > 0 and not r._stopping]
-            assert engine._active_rows() == decoding
+            assert engine._decoding_rows() == (decoding, [engine.slots[s] for s in decoding])
             assert engine._n_sampling == sum(engine.slots[s].params.temperature > 0 for s in decoding)
             assert engine.num_running == sum(r is not None for r in engine.slots)
             used = sum(engine.pos_host[s] for s, r in enumerate(engine.slots) if r is not None)
             assert engine.kv_cache_usage == used / (engine.max_batch * engine.max_seq_len)
     while not all(h.finished for _, _, h in handles):
         engine.step()
-    assert engine.num_running == 0 and not engine.has_work() and engine._active_rows() == []
+    assert engine.num_running == 0 and not engine.has_work() and engine._decoding_rows() == ([], [])
     reasons = set()
     for prompt, params, h in handles:
         reasons.add(h.finish_reason)
