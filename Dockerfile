@@ -69,9 +69,9 @@ COPY --from=build /opt/venv /opt/venv
 
 WORKDIR /app
 # Only what serving imports (serve_api -> serving, engine_process -> checkpoint, model, engine,
-# tokenizer, quantization -> int8_gemv). Owned by root: the server cannot change its own code.
+# tokenizer, quantization -> decode_kernels). Owned by root: the server cannot change its own code.
 COPY serve_api.py serving.py engine.py engine_process.py model.py tokenizer.py checkpoint.py \
-     quantization.py int8_gemv.py ./
+     quantization.py decode_kernels.py ./
 # Bytecode made now: at run time the tree is read-only and nothing is written beside the code.
 RUN /opt/venv/bin/python -m compileall -q /app
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import decode_kernels
+
 
 @dataclass
 class GPTConfig:
@@ -34,6 +36,10 @@ class GPTConfig:
 # How a decode step attends over the cache: "matmul" (batched GEMVs) or "reduce" (elementwise
 # products and sums, for torch.compile to fuse). bench/decode_variants.py measures both.
 DECODE_ATTENTION = "matmul"
+# Whether a decode step runs on decode_kernels.py's Triton kernels where they apply (a GPU in
+# bf16/fp16 with Triton; the interpreter in the CPU tests): "triton", or "torch" for the ops
+# above (the benchmarks measure both side by side).
+DECODE_KERNELS = "triton"
 
 
 class CausalSelfAttention(nn.Module):
@@ -139,6 +145,20 @@ class Block(nn.Module):
         x = x + y
         return x + self.mlp(self.ln_2(x)), kv
 
+    def decode_fused(self, x: torch.Tensor, cache: torch.Tensor, layer: int,
+                     pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`decode` on decode_kernels.py: five kernels for up to 16 rows (LayerNorm inside the
+        matmul that follows it, bias / GELU / residual inside the one before), the attention
+        one kernel at any batch. cache is the whole (n_layer, 2, S, H, Lmax, D) cache."""
+        attn, mlp = self.attn, self.mlp
+        qkv = decode_kernels.linear_module(x, attn.c_attn, ln=self.ln_1)  # (B, 3C)
+        y = decode_kernels.attention_op(qkv, cache, layer, pos, attn.n_head)  # (B, C)
+        x = decode_kernels.linear_module(y, attn.c_proj, residual=x)
+        h = decode_kernels.linear_module(x, mlp.c_fc, ln=self.ln_2, gelu=True)
+        x = decode_kernels.linear_module(h, mlp.c_proj, residual=x)
+        B, C = x.shape
+        return x, qkv.view(B, 3, attn.n_head, C // attn.n_head)[:, 1:].transpose(0, 1)  # (2, B, H, D)
+
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
@@ -233,10 +253,17 @@ class GPT(nn.Module):
         x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, C)
         B = tokens.size(0)
         new_kv = []
+        fused = DECODE_KERNELS == "triton" and decode_kernels.supports(x)
         for i, block in enumerate(self.transformer.h):
-            x, kv = block.decode(x, cache[i, 0, :B, :, :length], cache[i, 1, :B, :, :length], pos)
+            if fused:  # the attention kernel reads each row's first pos[b] positions itself
+                x, kv = block.decode_fused(x, cache, i, pos)
+            else:
+                x, kv = block.decode(x, cache[i, 0, :B, :, :length], cache[i, 1, :B, :, :length], pos)
             new_kv.append(kv)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        if fused:
+            logits = decode_kernels.linear_module(x, self.lm_head, ln=self.transformer.ln_f)
+        else:
+            logits = self.lm_head(self.transformer.ln_f(x))
         return logits, torch.stack(new_kv).permute(2, 0, 1, 3, 4)
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float,

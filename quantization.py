@@ -7,7 +7,7 @@ Modes (the `mode` of `meta["quantization"]`):
                       quantized Linear (fbgemm/oneDNN int8 GEMM; activations are quantized on
                       the fly per call). Stored as int8 weight + float64 scales + zero points.
     int8-weight-only  GPU serving. Per-output-channel symmetric int8 weights, dequantized inside
-                      the matmul: for 1-16 rows on CUDA one Triton kernel (int8_gemv.py), else
+                      the matmul: for 1-16 rows on CUDA one Triton kernel (decode_kernels.py), else
                       F.linear(x, w.to(x.dtype)) * scales.
     int4-weight-only  Group-wise asymmetric 4-bit weights packed two per byte, dequantized in
                       forward. Known to cost a 124M model real perplexity: quantize_model.py
@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-import int8_gemv
+import decode_kernels
 from checkpoint import CheckpointError
 from model import GPT, GPTConfig
 
@@ -128,16 +128,17 @@ class WeightOnlyInt8Linear(nn.Module):
         self.register_buffer("bias", bias)
         # the Triton kernel for 1-16 rows on CUDA where Triton is installed; the benchmarks
         # switch it off to measure the plain formula side by side (set_int8_kernel)
-        self.triton = int8_gemv.available()
+        self.triton = decode_kernels.available()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.triton and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and rows <= int8_gemv.MAX_ROWS:
+        if self.triton and rows <= decode_kernels.MAX_ROWS and decode_kernels.supports(x):
             # Decode-sized inputs: one Triton kernel reads the int8 rows and scales in registers
-            # (int8_gemv.py says why Inductor's own code for the formula below was slower than
+            # (decode_kernels.py says why Inductor's own code for the formula below was slower than
             # bf16). Under torch.compile `rows <= 16` is a guard on the batch size: batches
             # past 16 get their own compiled graph, which takes the plain path.
-            y = int8_gemv.int8_linear_op(x.reshape(rows, self.in_features), self.qweight, self.scales, self.bias)
+            y = decode_kernels.linear_op(x.reshape(rows, self.in_features), self.qweight, self.bias, self.scales,
+                                         None, None, 1e-5, False, None)
             return y.view(*x.shape[:-1], self.out_features)
         # Everything else (CPU, prefill, large batches): the plain formula. Eager prefill is
         # captured as CUDA graphs; a separately compiled int8_linear called eagerly there cost
@@ -156,7 +157,7 @@ def set_int8_kernel(model: nn.Module, enabled: bool) -> int:
     formula everywhere, for side-by-side measurements); returns how many modules it set."""
     modules = [m for m in model.modules() if isinstance(m, WeightOnlyInt8Linear)]
     for m in modules:
-        m.triton = enabled and int8_gemv.available()
+        m.triton = enabled and decode_kernels.available()
     return len(modules)
 
 

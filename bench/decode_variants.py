@@ -1,15 +1,18 @@
 """Where a decode step's time goes on one GPU, and which engine variant is fastest.
 
-    python bench/decode_variants.py --out bench/results/decode_variants_h100.json
+    python bench/decode_variants.py --variants triton:1,matmul:1 --out bench/results/decode_variants_h200.json
 
-GPT-2 124M shape, random bf16 weights, 64-token prompts, 50 new tokens, greedy. For each
-variant (attention over the cache as batched GEMVs or as Triton reductions; 1 or up to 8
-decode steps per CUDA-graph launch) it measures, side by side in one process:
+GPT-2 124M shape, random bf16 weights, 64-token prompts, 50 new tokens, greedy. A variant is
+attention:decode_steps. attention is "triton" (decode_kernels.py: fused LayerNorm/linear/
+epilogue kernels for up to 16 rows and one attention kernel per layer, model.DECODE_KERNELS)
+or torch ops with the attention over the cache as batched GEMVs ("matmul") or as reductions
+for Inductor ("reduce"); decode_steps is 1 or up to that many steps per CUDA-graph launch.
+For each it measures, side by side in one process:
 - graph_gpu_us_per_step: one captured step replayed back to back, GPU time per step (the floor
-  the host can't beat), at batch 1 and batch 256;
+  the host can't beat), at batch 1, 16 and the big batch (256), and kernels_per_step there;
 - graph_launch_us: host time of one replay() call (the CUDA graph launch itself);
 - engine_b1_p50_ms: Engine.generate of one request, 50 tokens (prefill included);
-- engine_b256_tokens_per_s: 256 requests at once.
+- engine_b16/b256_tokens_per_s: 16 or 256 requests at once.
 The gap between engine_b1 and 50 x graph_gpu_us is host work the GPU waits for.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import model as model_module  # noqa: E402
@@ -47,6 +51,9 @@ def graph_costs(engine: Engine, batch: int, length: int, replays: int = 200) -> 
     """GPU time per step and host time per launch of the one-step greedy graph."""
     graph, _ = engine._graph(batch, length, 1)
     engine.active_buf.zero_()  # idle rows: every replay writes the same position, in bounds
+    # every row attends over 100 positions (a 64-token prompt 36 tokens in): the Triton
+    # attention reads each row's own positions only, the torch ops read all `length`
+    engine.pos_buf.fill_(min(100, length - 1))
     graph.replay()
     torch.cuda.synchronize()
     launch = []
@@ -57,8 +64,20 @@ def graph_costs(engine: Engine, batch: int, length: int, replays: int = 200) -> 
         launch.append(time.perf_counter() - t)
     torch.cuda.synchronize()
     total = time.perf_counter() - t0
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                  and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+    engine.pos_buf.zero_()
+    # the kernels by GPU time over the 10 steps: where a step's time goes
+    top = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:12]
     return {"graph_gpu_us_per_step": round(total / replays * 1e6, 1),
-            "graph_launch_us": round(statistics.median(launch) * 1e6, 1)}
+            "graph_launch_us": round(statistics.median(launch) * 1e6, 1),
+            "kernels_per_step": round(kernels / 10),
+            "top_kernels": [{"name": e.key[:90], "calls_per_step": e.count / 10,
+                             "us_per_step": round(e.device_time_total / 10, 1)} for e in top]}
 
 
 def measure_variant(model: GPT, prompt: list[int], big: list[list[int]], attention: str, steps: int,
@@ -66,21 +85,24 @@ def measure_variant(model: GPT, prompt: list[int], big: list[list[int]], attenti
     """One engine variant, compiled afresh: its row of the results."""
     params = SamplingParams(max_tokens=50)
     torch._dynamo.reset()
-    model_module.DECODE_ATTENTION = attention
+    model_module.DECODE_KERNELS = "triton" if attention == "triton" else "torch"
+    model_module.DECODE_ATTENTION = "matmul" if attention == "triton" else attention
     t0 = time.perf_counter()
     engine = Engine(model, max_batch=args.big_batch, max_seq_len=256, max_queue=4 * args.big_batch,
                     prefill_batch=args.big_batch, decode_steps=steps)
     for _ in range(2):  # compile and capture what the runs below use (no full warmup: time)
         engine.generate(prompt, params)
+        engine.generate_batch(big[:16], params)
         engine.generate_batch(big, params)
     row = {"attention": attention, "decode_steps": steps,
            "compile_and_capture_s": round(time.perf_counter() - t0, 1)}
     b1 = timed_ms(lambda: engine.generate(prompt, params), args.runs)
     row["engine_b1_p50_ms"] = round(statistics.median(b1), 2)
-    bb = timed_ms(lambda: engine.generate_batch(big, params), 3)
-    row[f"engine_b{args.big_batch}_ms"] = round(statistics.median(bb), 2)
-    row[f"engine_b{args.big_batch}_tokens_per_s"] = round(args.big_batch * 50 / statistics.median(bb) * 1000)
-    for b in (1, args.big_batch):
+    for n in (16, args.big_batch):
+        bb = timed_ms(lambda: engine.generate_batch(big[:n], params), 3)
+        row[f"engine_b{n}_ms"] = round(statistics.median(bb), 2)
+        row[f"engine_b{n}_tokens_per_s"] = round(n * 50 / statistics.median(bb) * 1000)
+    for b in (1, 16, args.big_batch):
         row[f"b{b}"] = graph_costs(engine, b, 128)
     engine._reset_slots()
     row["graphs_captured"] = len(engine._graphs)
@@ -89,11 +111,11 @@ def measure_variant(model: GPT, prompt: list[int], big: list[list[int]], attenti
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", default="matmul:1,matmul:8,reduce:1,reduce:8",
-                    help="attention:decode_steps pairs")
+    ap.add_argument("--variants", default="triton:1,triton:8,matmul:1,matmul:8",
+                    help="attention:decode_steps pairs, attention one of triton, matmul, reduce")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--big-batch", type=int, default=256)
-    ap.add_argument("--out", default="bench/results/decode_variants_h100.json")
+    ap.add_argument("--out", default="bench/results/decode_variants_h200.json")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = GPTConfig(**SHAPE)

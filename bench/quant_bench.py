@@ -16,7 +16,7 @@ CPU (this 2-core machine) -> bench/results/quantization_cpu.json, mode int8-dyna
 GPU (the lead runs this on an H100, < 6 min) -> --out, mode int8-weight-only vs bf16:
     python bench/quant_bench.py --device cuda --out bench/results/quantization_h100.json
     shapes GPT-2 124M / 355M / 774M, random weights, bf16; tokens/s at batch 1 and 16 through
-    the Engine (CUDA graphs; int8 through int8_gemv.py's Triton kernel inside the compiled step)
+    the Engine (CUDA graphs; int8 through decode_kernels.py's Triton kernel inside the compiled step)
     and MB of weights resident on the GPU. --plain-int8 124M adds the int8 model without that
     kernel, side by side; --no-profile skips the profiles (each compiles two more engines).
 
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
-import int8_gemv  # noqa: E402
+import decode_kernels  # noqa: E402
 from benchmark_quantization import format_table, load_model_for_bench, measure_speed  # noqa: E402
 from data import open_tokens, read_data_meta, sample_windows  # noqa: E402
 from engine import Engine, SamplingParams  # noqa: E402
@@ -305,7 +305,7 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
             "bf16_tok_s_b16": round(f["tokens_per_s_b16"], 1), "int8_tok_s_b16": round(q["tokens_per_s_b16"], 1),
             "speedup_b1": round(q["tokens_per_s_b1"] / f["tokens_per_s_b1"], 2),
             "speedup_b16": round(q["tokens_per_s_b16"] / f["tokens_per_s_b16"], 2),
-            "int8_kernel": "triton" if int8_gemv.available() and device.type == "cuda" else "plain",
+            "int8_kernel": "triton" if decode_kernels.available() and device.type == "cuda" else "plain",
             "seconds": round(time.perf_counter() - start, 1),
         })
         if "int8_plain" in speed:
@@ -324,7 +324,7 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
     notes = [
         "random weights in bf16 (speed and memory don't depend on the values); int8 = "
         "int8-weight-only: per-row int8 weights + bf16 scales. For 1-16 rows (decode at batch 1 "
-        "and 16) int8_gemv.py's Triton kernel (int8_kernel: triton), called as one custom op "
+        "and 16) decode_kernels.py's Triton kernel (int8_kernel: triton), called as one custom op "
         "from the Engine's compiled decode step and captured in its CUDA graphs; larger inputs "
         "(prefill) F.linear(x, w.to(bf16)) * scales. int8_plain_*: the same int8 model with "
         "the kernel off (the plain formula everywhere), measured in the same run.",

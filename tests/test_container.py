@@ -41,7 +41,7 @@ IMAGE = "localhost/code-assistant:test"
 UID = 10001
 # What serving imports, and nothing else (.dockerignore is an allow-list).
 SERVING_FILES = {"serve_api.py", "serving.py", "engine.py", "engine_process.py", "model.py", "tokenizer.py",
-                 "checkpoint.py", "quantization.py", "int8_gemv.py"}
+                 "checkpoint.py", "quantization.py", "decode_kernels.py"}
 BUILD_TIMEOUT_S = 900
 READY_TIMEOUT_S = 120
 

@@ -59,12 +59,12 @@ def test_bf16_engine_runs_at_full_batch(model):
 def test_int8_weight_only_kernel_matches_plain_formula_and_serves(model):
     """bf16 int8-weight-only: the Triton kernel (1-16 rows) against the plain formula, and the
     compiled engine serving the quantized model through it."""
-    import int8_gemv
+    import decode_kernels
     from quantization import WeightOnlyInt8Linear, quantize_model, set_int8_kernel
     qmodel, _ = quantize_model(model.cpu().float(), "int8-weight-only")
     model.cuda()
     qmodel = qmodel.cuda().to(torch.bfloat16).eval()
-    assert int8_gemv.available() and set_int8_kernel(qmodel, True) > 0
+    assert decode_kernels.available() and set_int8_kernel(qmodel, True) > 0
     lin = next(m for m in qmodel.modules() if isinstance(m, WeightOnlyInt8Linear))
     for rows in (1, 5, 16):
         x = torch.randn(rows, lin.in_features, device="cuda", dtype=torch.bfloat16)
@@ -78,3 +78,30 @@ def test_int8_weight_only_kernel_matches_plain_formula_and_serves(model):
         logits, _ = qmodel(torch.tensor([prompt], device="cuda"))
     out = engine.generate_batch([prompt] * 3, SamplingParams(max_tokens=20))
     assert all(len(o) == 20 for o in out) and out[0][0] == int(logits[0, -1].argmax())
+
+
+def test_bf16_decode_kernels_match_torch_ops(model):
+    """decode_kernels.py in bf16 on the GPU (the interpreter tests can't run bf16 tl.dot): the
+    fused decode step, eager and compiled with a dynamic batch, against the torch-ops step, at
+    batches on the kernels' GEMV (1), tl.dot (5, 16) and cuBLAS-plus-attention-kernel (40) paths."""
+    import model as model_module
+    cfg = model.config
+    m = GPT(cfg).cuda().to(torch.bfloat16).eval()
+    D = cfg.n_embd // cfg.n_head
+    cache = torch.randn(cfg.n_layer, 2, 41, cfg.n_head, 257, D, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(m.decode_step, dynamic=True, fullgraph=True)
+    try:
+        for B in (1, 5, 16, 40):
+            tokens = torch.randint(0, cfg.vocab_size, (B,), device="cuda")
+            pos = torch.randint(0, 200, (B,), device="cuda")
+            with torch.no_grad():
+                model_module.DECODE_KERNELS = "torch"
+                want, want_kv = m.decode_step(tokens, pos, cache, 256)
+                model_module.DECODE_KERNELS = "triton"
+                for step in (m.decode_step, compiled):
+                    got, got_kv = step(tokens, pos, cache, 256)
+                    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+                    assert err < 3e-2, (B, err)
+                    assert torch.allclose(got_kv.float(), want_kv.float(), atol=3e-2, rtol=3e-2)
+    finally:
+        model_module.DECODE_KERNELS = "triton"

@@ -1,0 +1,314 @@
+"""Triton kernels for the decode step (1-16 rows per matmul), so a step is few kernels.
+
+At batch 1 a GPT-2 124M decode step read ~0.25 GB of weights in ~0.06 ms on an H200, yet
+took ~0.5 ms: ~190 kernels of a few microseconds each (cuBLAS GEMVs and their split-K
+reduces, LayerNorms, bias and GELU pointwise kernels, the attention's batched GEMVs, mask,
+softmax and concatenation). Per layer, the kernels here make it five:
+
+    linear:     y = [residual +] act(LN(x) @ W.T * scales + bias)   x (M, K), W (N, K), M <= 16
+                (LayerNorm on the way in, bias / GELU / residual on the way out; W bf16 or
+                int8 with per-row scales, read once, converted in registers)
+    attention:  one new token per row against its cached keys and values plus itself, as one
+                online softmax (the cache is read, not written: see GPT.decode_step)
+
+Why int8 needs its own kernel too: in the compiled step (dynamic batch size) Inductor turned
+`F.linear(x, q.to(bf16)) * scales` into a kernel that writes the whole weight in bf16 and
+cuBLAS's GEMV that reads it back, more bytes than bf16 (bench/results/quantization_h100.json).
+
+Both are custom ops (`code_assistant::decode_linear`, `code_assistant::decode_attention`), so
+torch.compile keeps each as one opaque call in the compiled step and CUDA graphs capture them
+like any kernel. The linear's block sizes are autotuned per shape on first use, which the
+engine's warm-up runs before it captures a graph. Larger inputs (prefill, big batches) are
+compute-bound and stay on cuBLAS; `linear_module` falls back to the same math in torch ops.
+
+Without Triton (the CPU build of torch) `available()` is False and callers use torch ops;
+the tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1),
+where the launchers below accept CPU tensors.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch's CPU wheels ship without Triton
+    triton = None
+
+MAX_ROWS = 16  # above this the matmul has enough rows to be compute-bound: cuBLAS wins
+# Triton's interpreter (CPU tests) has no GPU to autotune on: there the launcher takes the
+# block sizes from its caller, which runs every config in turn.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ATTENTION_BLOCK_T = 64  # cached positions per iteration of the attention kernel
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the kernels can run on x: Triton with a GPU in bf16/fp16 (fp32 on a GPU would
+    make tl.dot round to tf32), or the interpreter on the CPU (the tests, fp32 included)."""
+    if triton is None:
+        return False
+    if INTERPRET:
+        return not x.is_cuda
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+if triton is not None:
+    # Batch 1 is a GEMV: each program owns BLOCK_N output columns and walks K, so the weight is
+    # read once in total. Small BLOCK_N gives the 768-wide layers enough programs for 132 SMs.
+    _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                     for n, k, w in ((4, 256, 2), (4, 512, 4), (8, 256, 4), (8, 512, 4),
+                                     (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8))]
+    # 2-16 rows: one tl.dot tile of 16 rows (the rows past M masked), so the tensor cores do
+    # the multiply and the weight tile is still read once for all rows.
+    _SMALL_MM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                         for n, k, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4),
+                                         (64, 128, 4), (64, 256, 8))]
+    _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL"]
+
+    @triton.jit
+    def _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K: tl.constexpr):
+        """LayerNorm's mean and 1/std of rows offs_m of x (M, K), two passes in fp32."""
+        total = tl.zeros(offs_m.shape, dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = m_mask[:, None] & (offs_k < K)[None, :]
+            total += tl.sum(tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
+                            .to(tl.float32), axis=1)
+        mean = total / K
+        sq = tl.zeros(offs_m.shape, dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask = m_mask[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, x - mean[:, None], 0.0)
+            sq += tl.sum(d * d, axis=1)
+        return mean, 1.0 / tl.sqrt(sq / K + eps)
+
+    @triton.jit
+    def _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd,
+                HAS_LN: tl.constexpr, HAS_LN_BIAS: tl.constexpr):
+        """An (R, BLOCK_K) tile of x in fp32, LayerNorm applied when HAS_LN (zero past K)."""
+        mask = m_mask[:, None] & k_mask[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_LN:
+            g = tl.load(lnw_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x = (x - mean[:, None]) * rstd[:, None] * g[None, :]
+            if HAS_LN_BIAS:
+                x += tl.load(lnb_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            x = tl.where(mask, x, 0.0)
+        return x
+
+    @triton.jit
+    def _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                  HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                  HAS_RESIDUAL: tl.constexpr):
+        """acc (R, BLOCK_N) fp32 -> scales, bias, GELU (tanh), residual -> y in y's dtype."""
+        y = acc
+        if HAS_SCALES:
+            y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GELU:  # 0.5 y (1 + tanh(u)) = y sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3)
+            y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+        mask = m_mask[:, None] & n_mask[None, :]
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        if HAS_RESIDUAL:
+            y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, N, K, eps,
+                     HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
+                     HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_m = tl.arange(0, 1)
+        m_mask = offs_m < 1
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        mean = tl.zeros((1,), dtype=tl.float32)
+        rstd = mean
+        if HAS_LN:
+            mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
+                        mask=n_mask[:, None] & k_mask[None, :], other=0)
+            acc += tl.sum(w.to(tl.float32) * x, axis=1)  # x (1, BLOCK_K) broadcasts over N
+        _epilogue(acc[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                  HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
+
+    @triton.jit
+    def _small_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, M, N, K, eps,
+                         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
+                         HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_m = tl.arange(0, 16)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask, n_mask = offs_m < M, offs_n < N
+        mean = tl.zeros((16,), dtype=tl.float32)
+        rstd = mean
+        if HAS_LN:
+            mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
+            x = x.to(x_ptr.dtype.element_ty)  # the tensor cores take x in its own dtype, as cuBLAS would
+            w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],  # (BLOCK_K, BLOCK_N): W.T
+                        mask=k_mask[:, None] & n_mask[None, :], other=0)
+            acc += tl.dot(x, w.to(x.dtype))
+        _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                  HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
+
+    @triton.jit
+    def _attention_kernel(qkv_ptr, cache_ptr, pos_ptr, y_ptr, scale,
+                          stride_kv, stride_s, stride_h, stride_t, H,
+                          D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Program (b, h): row b's query for head h against the row's first pos[b] cached
+        keys/values (slot b) and its own new key/value, in one pass (online softmax)."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        C = H * D
+        offs_d = tl.arange(0, D)
+        row = qkv_ptr + b * 3 * C + h * D
+        q = tl.load(row + offs_d).to(tl.float32) * scale
+        v_own = tl.load(row + 2 * C + offs_d).to(tl.float32)
+        m = tl.sum(q * tl.load(row + C + offs_d).to(tl.float32), axis=0)  # running max: own score
+        denom = m * 0.0 + 1.0  # exp(own - m) = 1
+        acc = v_own
+        n = tl.load(pos_ptr + b)
+        keys = cache_ptr + b * stride_s + h * stride_h
+        for t0 in range(0, n, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < n
+            offs = offs_t[:, None] * stride_t + offs_d[None, :]
+            k = tl.load(keys + offs, mask=t_mask[:, None], other=0.0).to(tl.float32)
+            s = tl.where(t_mask, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new)
+            v = tl.load(keys + stride_kv + offs, mask=t_mask[:, None], other=0.0).to(tl.float32)
+            denom = denom * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m = m_new
+        tl.store(y_ptr + b * C + h * D + offs_d, (acc / denom).to(y_ptr.dtype.element_ty))
+
+    if not INTERPRET:
+        _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY)(_gemv_kernel)
+        _small_mm_kernel = triton.autotune(configs=_SMALL_MM_CONFIGS, key=_KEY)(_small_mm_kernel)
+
+
+def configs(rows: int) -> list[dict[str, int]]:
+    """The block sizes the autotuner chooses from for `rows` input rows (the tests run each)."""
+    return [dict(c.kwargs) for c in (_GEMV_CONFIGS if rows == 1 else _SMALL_MM_CONFIGS)]
+
+
+def _need_triton() -> None:
+    if triton is None:
+        raise RuntimeError("decode_kernels needs Triton (pip install triton); callers check available() first")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           scales: torch.Tensor | None = None, ln_weight: torch.Tensor | None = None,
+           ln_bias: torch.Tensor | None = None, eps: float = 1e-5, gelu: bool = False,
+           residual: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
+    """[residual +] gelu?(LayerNorm?(x) @ weight.T * scales? + bias?) for x (M, K), M <= 16,
+    weight (N, K) in x's dtype or int8 (with scales (N,)); -> (M, N) in x's dtype. The
+    LayerNorm (ln_weight, ln_bias, eps) is over K. `config` (block sizes) only under the
+    interpreter; on a GPU the autotuner picks them."""
+    _need_triton()
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > MAX_ROWS or weight.shape[1] != K:
+        raise ValueError(f"decode_kernels.linear takes up to {MAX_ROWS} rows of width {weight.shape[1]}, "
+                         f"got {tuple(x.shape)}")
+    if (weight.dtype == torch.int8) != (scales is not None):
+        raise ValueError("an int8 weight needs its scales, and only an int8 weight takes scales")
+    x, weight = x.contiguous(), weight.contiguous()
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    any_ptr = weight  # an absent operand's pointer: its HAS_ flag is off, so it is never read
+    args = [x, weight] + [t if t is not None else any_ptr for t in (scales, bias, ln_weight, ln_bias)]
+    args += [residual.contiguous() if residual is not None else any_ptr, y]
+    flags = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, HAS_LN=ln_weight is not None,
+                 HAS_LN_BIAS=ln_bias is not None, GELU=gelu, HAS_RESIDUAL=residual is not None)
+    blocks = (config or configs(M)[0]) if INTERPRET else {}
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    if M == 1:
+        _gemv_kernel[grid](*args, N, K, eps, **flags, **blocks)
+    else:
+        _small_mm_kernel[grid](*args, M, N, K, eps, **flags, **blocks)
+    return y
+
+
+def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
+              block_t: int = ATTENTION_BLOCK_T) -> torch.Tensor:
+    """Decode attention: qkv (B, 3C) this step's q, k, v per row; cache (n_layer, 2, S, H, Lmax,
+    D), row b's keys/values in slot b at positions [0, pos[b]); -> (B, C) in qkv's dtype, the
+    heads side by side. Reads the cache only; the caller writes the new k, v afterwards."""
+    _need_triton()
+    B, C3 = qkv.shape
+    D = C3 // 3 // n_head
+    if cache.size(3) != n_head or cache.size(5) != D or D & (D - 1) or cache.stride(5) != 1:
+        raise ValueError(f"attention needs a (n_layer, 2, S, {n_head}, L, D) cache with D a power of two, "
+                         f"got {tuple(cache.shape)}")
+    qkv = qkv.contiguous()
+    y = torch.empty((B, C3 // 3), dtype=qkv.dtype, device=qkv.device)
+    layer_cache = cache[layer]
+    _attention_kernel[(B, n_head)](qkv, layer_cache, pos, y, D ** -0.5, layer_cache.stride(0),
+                                   layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
+                                   n_head, D=D, BLOCK_T=block_t)
+    return y
+
+
+# The compiled step's view of the two: opaque ops, their output shapes from the fakes.
+@torch.library.custom_op("code_assistant::decode_linear", mutates_args=())
+def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
+              ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, gelu: bool,
+              residual: torch.Tensor | None) -> torch.Tensor:
+    return linear(x, weight, bias, scales=scales, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, gelu=gelu,
+                  residual=residual)
+
+
+@linear_op.register_fake
+def _(x, weight, bias, scales, ln_weight, ln_bias, eps, gelu, residual) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("code_assistant::decode_attention", mutates_args=())
+def attention_op(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int) -> torch.Tensor:
+    return attention(qkv, cache, layer, pos, n_head)
+
+
+@attention_op.register_fake
+def _(qkv, cache, layer, pos, n_head) -> torch.Tensor:
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
+
+
+def linear_module(x: torch.Tensor, module: nn.Module, *, ln: nn.LayerNorm | None = None, gelu: bool = False,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """[residual +] gelu?(module(ln?(x))) for x (M, K) and an nn.Linear or a
+    WeightOnlyInt8Linear (anything with qweight and scales): one kernel for M <= 16 where
+    `supports(x)` (an int8 module with its `triton` flag off excepted), else torch ops."""
+    int8 = hasattr(module, "qweight")
+    if x.shape[0] <= MAX_ROWS and supports(x) and getattr(module, "triton", True):
+        weight = module.qweight if int8 else module.weight
+        ln_args = (ln.weight, ln.bias, ln.eps) if ln is not None else (None, None, 1e-5)
+        return linear_op(x, weight, module.bias, module.scales if int8 else None, ln_args[0], ln_args[1],
+                         ln_args[2], gelu, residual)
+    if ln is not None:
+        x = ln(x)
+    y = module(x)
+    if gelu:
+        y = F.gelu(y, approximate="tanh")
+    return y if residual is None else residual + y

@@ -1,0 +1,141 @@
+"""decode_kernels.py's Triton kernels, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1).
+
+The interpreter is switched on when Triton is imported, so the checks run in a fresh Python
+process. Every block-size config the GPU autotuner may pick is run on shapes that leave
+partial blocks in both N and K, against torch's own ops; then the model's fused decode step
+against its torch-ops decode step, and the engine on top of it against generation without a
+cache. bf16 is left out here: the interpreter computes bf16 tl.dot wrongly on the CPU (fp16
+takes the same code path in the kernel); tests/test_engine_cuda.py checks bf16 on a GPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_interpreted(code: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-W", "ignore::RuntimeWarning", "-c", textwrap.dedent(code)], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
+    out = run_interpreted("""
+        import torch
+        from torch.nn import functional as F
+        import decode_kernels as dk
+        from quantization import quantize_int8_per_channel
+
+        assert dk.INTERPRET and dk.available()
+        torch.manual_seed(0)
+        cases = 0
+        for rows, n, k in [(1, 72, 96), (1, 5, 7), (1, 300, 520), (2, 40, 64), (7, 33, 100), (16, 130, 270)]:
+            w, bias, r = torch.randn(n, k), torch.randn(n), torch.randn(rows, n)
+            q, s = quantize_int8_per_channel(w)
+            g, lb = torch.randn(k), torch.randn(k)
+            for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+                x = torch.randn(rows, k).to(dtype)
+                xn = F.layer_norm(x.float(), (k,), g, lb)
+                # int8 + bias, and bf16-style weights with every epilogue, for every config
+                plain = (x.float() @ q.float().T) * s + bias
+                full = r + F.gelu(xn @ w.T + bias, approximate="tanh")
+                for config in dk.configs(rows):
+                    for y, want in (
+                        (dk.linear(x, q, bias.to(dtype), scales=s.to(dtype), config=config), plain),
+                        (dk.linear(x, w.to(dtype), bias.to(dtype), ln_weight=g.to(dtype), ln_bias=lb.to(dtype),
+                                   gelu=True, residual=r.to(dtype), config=config), full)):
+                        assert y.dtype == dtype and y.shape == (rows, n)
+                        err = ((y.float() - want).abs().max() / want.abs().max()).item()
+                        assert err < tol, (rows, n, k, dtype, config, err)
+                        cases += 1
+                # the flags one at a time (first config): LayerNorm without bias, no bias at all
+                y = dk.linear(x, w.to(dtype), ln_weight=g.to(dtype), config=dk.configs(rows)[0])
+                want = F.layer_norm(x.float(), (k,), g) @ w.T
+                assert ((y.float() - want).abs().max() / want.abs().max()).item() < tol
+                cases += 1
+        # the custom ops inside a compiled function with a dynamic row count (the engine's case)
+        q, s = quantize_int8_per_channel(torch.randn(24, 48))
+        f = torch.compile(lambda x, r: dk.linear_op(x, q, None, s, None, None, 1e-5, False, r) + 1,
+                          dynamic=True, fullgraph=True)
+        for rows in (2, 3, 11):
+            x, r = torch.randn(rows, 48), torch.randn(rows, 24)
+            assert torch.allclose(f(x, r), r + (x @ q.float().T) * s + 1, atol=1e-4)
+        for bad, message in ((lambda: dk.linear(torch.randn(17, 48), q, scales=s), "16 rows"),
+                             (lambda: dk.linear(torch.randn(2, 48), q), "scales")):
+            try:
+                bad()
+            except ValueError as e:
+                assert message in str(e), e
+            else:
+                raise AssertionError(message)
+        print("cases", cases)
+    """)
+    assert "cases 180" in out  # 2 dtypes x (2 checks x 42 (shape, config) pairs + 6 shapes)
+
+
+def test_attention_matches_softmax_over_cache_and_own_token() -> None:
+    out = run_interpreted("""
+        import torch
+        import decode_kernels as dk
+
+        torch.manual_seed(0)
+        n_layer, S, H, L, D = 2, 6, 3, 150, 16
+        cache = torch.randn(n_layer, 2, S, H, L, D)
+        pos = torch.tensor([0, 1, 63, 64, 65, 149])  # empty, partial and whole 64-position blocks
+        B = len(pos)
+        qkv = torch.randn(B, 3 * H * D)
+        for layer in range(n_layer):
+            for block_t in (16, 64):
+                y = dk.attention(qkv, cache, layer, pos, H, block_t=block_t)
+                for b in range(B):
+                    q, k, v = qkv[b].view(3, H, D)
+                    keys = torch.cat([cache[layer, 0, b, :, :pos[b]], k[:, None]], 1)  # (H, n + 1, D)
+                    values = torch.cat([cache[layer, 1, b, :, :pos[b]], v[:, None]], 1)
+                    p = ((keys @ q[:, :, None]).squeeze(-1) / D ** 0.5).softmax(-1)  # (H, n + 1)
+                    want = (p[:, None, :] @ values).squeeze(1).reshape(H * D)
+                    assert torch.allclose(y[b], want, atol=1e-5), (layer, block_t, b)
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_fused_decode_step_and_engine_match_torch_ops() -> None:
+    """GPT.decode_step on the kernels equals the torch-ops step (float and int8 model), and the
+    engine on them gives every request the greedy tokens of generation without a cache."""
+    out = run_interpreted("""
+        import torch
+        import model as model_module
+        from engine import Engine, SamplingParams, generate_without_cache
+        from model import GPT, GPTConfig
+        from quantization import quantize_model
+
+        torch.manual_seed(0)
+        cfg = GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=96)
+        float_model = GPT(cfg).eval()
+        int8_model, _ = quantize_model(float_model, "int8-weight-only")
+        cache = torch.randn(cfg.n_layer, 2, 20, 4, 129, 16)
+        for m in (float_model, int8_model.eval()):
+            for tokens, pos in (([3], [0]), ([3, 7, 9], [0, 5, 70]), (list(range(18)), list(range(18)))):
+                tokens, pos = torch.tensor(tokens), torch.tensor(pos)
+                with torch.no_grad():
+                    model_module.DECODE_KERNELS = "torch"
+                    want, want_kv = m.decode_step(tokens, pos, cache, 72)
+                    model_module.DECODE_KERNELS = "triton"
+                    got, got_kv = m.decode_step(tokens, pos, cache, 72)
+                assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+                assert torch.allclose(got_kv, want_kv, atol=1e-5)
+        engine = Engine(float_model, max_batch=4)
+        prompts = [[5, 6, 7], [1] * 20, [9, 8], [4] * 33, [2, 3]]  # 5 requests over 4 slots
+        outs = engine.generate_batch(prompts, SamplingParams(max_tokens=12))
+        for p, o in zip(prompts, outs):
+            assert o == generate_without_cache(float_model, p, 12), (p, o)
+        print("ok")
+    """)
+    assert "ok" in out
