@@ -43,7 +43,6 @@ MAX_ROWS = 16  # above this the matmul has enough rows to be compute-bound: cuBL
 # Triton's interpreter (CPU tests) has no GPU to autotune on: there the launcher takes the
 # block sizes from its caller, which runs every config in turn.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-ATTENTION_BLOCK_T = 64  # cached positions per iteration of the attention kernel
 
 
 def available() -> bool:
@@ -65,32 +64,33 @@ if triton is not None:
     # read once in total. Small BLOCK_N gives the 768-wide layers enough programs for 132 SMs.
     _GEMV_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                      for n, k, w in ((4, 256, 2), (4, 512, 4), (8, 256, 4), (8, 512, 4),
-                                     (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8))]
+                                     (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
+                                     # whole 768-wide rows per load: more bytes in flight per
+                                     # program, for weights that come from HBM, not L2
+                                     (2, 1024, 4), (4, 1024, 4), (8, 1024, 8), (4, 2048, 8))]
     # 2-16 rows: one tl.dot tile of 16 rows (the rows past M masked), so the tensor cores do
     # the multiply and the weight tile is still read once for all rows.
     _SMALL_MM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                          for n, k, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4),
-                                         (64, 128, 4), (64, 256, 8))]
+                                         (64, 128, 4), (64, 256, 8), (16, 512, 4), (32, 512, 8))]
     _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL"]
 
     @triton.jit
     def _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K: tl.constexpr):
-        """LayerNorm's mean and 1/std of rows offs_m of x (M, K), two passes in fp32."""
-        total = tl.zeros(offs_m.shape, dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = m_mask[:, None] & (offs_k < K)[None, :]
-            total += tl.sum(tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0)
-                            .to(tl.float32), axis=1)
-        mean = total / K
-        sq = tl.zeros(offs_m.shape, dtype=tl.float32)
+        """LayerNorm's mean and 1/std of rows offs_m of x (M, K) in fp32, in one pass that sums
+        x and x^2 elementwise and reduces once at the end (a reduction per block would put
+        a cross-warp exchange on the critical path of every iteration)."""
+        total = tl.zeros((offs_m.shape[0], BLOCK_K), dtype=tl.float32)
+        total_sq = tl.zeros((offs_m.shape[0], BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask = m_mask[:, None] & (offs_k < K)[None, :]
             x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, x - mean[:, None], 0.0)
-            sq += tl.sum(d * d, axis=1)
-        return mean, 1.0 / tl.sqrt(sq / K + eps)
+            total += x
+            total_sq += x * x
+        mean = tl.sum(total, axis=1) / K
+        var = tl.maximum(tl.sum(total_sq, axis=1) / K - mean * mean, 0.0)
+        return mean, 1.0 / tl.sqrt(var + eps)
 
     @triton.jit
     def _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd,
@@ -137,15 +137,16 @@ if triton is not None:
         rstd = mean
         if HAS_LN:
             mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # products summed elementwise, reduced over K once at the end (as in _row_stats)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
             w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
                         mask=n_mask[:, None] & k_mask[None, :], other=0)
-            acc += tl.sum(w.to(tl.float32) * x, axis=1)  # x (1, BLOCK_K) broadcasts over N
-        _epilogue(acc[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+            acc += w.to(tl.float32) * x  # x (1, BLOCK_K) broadcasts over N
+        _epilogue(tl.sum(acc, axis=1)[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
                   HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
 
     @triton.jit
@@ -209,6 +210,15 @@ if triton is not None:
         _small_mm_kernel = triton.autotune(configs=_SMALL_MM_CONFIGS, key=_KEY)(_small_mm_kernel)
 
 
+def attention_blocks(batch: int) -> tuple[int, int]:
+    """The attention kernel's (cached positions per iteration, warps) for `batch` rows. Measured
+    on an H200 at 100 positions (bench/results/decode_kernels_h200.json): with few programs
+    (B x 12 heads) long tiles keep more bytes in flight (batch 1: 3.4 us against 4.5 us at 64
+    positions x 4 warps); with thousands of programs small ones keep the SMs busy (batch 256:
+    29 us at 64 x 2 against 31-51 us for the others)."""
+    return (128, 4) if batch <= 16 else (64, 2)
+
+
 def configs(rows: int) -> list[dict[str, int]]:
     """The block sizes the autotuner chooses from for `rows` input rows (the tests run each)."""
     return [dict(c.kwargs) for c in (_GEMV_CONFIGS if rows == 1 else _SMALL_MM_CONFIGS)]
@@ -252,7 +262,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
-              block_t: int = ATTENTION_BLOCK_T) -> torch.Tensor:
+              block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Decode attention: qkv (B, 3C) this step's q, k, v per row; cache (n_layer, 2, S, H, Lmax,
     D), row b's keys/values in slot b at positions [0, pos[b]); -> (B, C) in qkv's dtype, the
     heads side by side. Reads the cache only; the caller writes the new k, v afterwards."""
@@ -263,11 +273,13 @@ def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Ten
         raise ValueError(f"attention needs a (n_layer, 2, S, {n_head}, L, D) cache with D a power of two, "
                          f"got {tuple(cache.shape)}")
     qkv = qkv.contiguous()
+    default_t, default_warps = attention_blocks(B)
+    block_t, num_warps = block_t or default_t, num_warps or default_warps
     y = torch.empty((B, C3 // 3), dtype=qkv.dtype, device=qkv.device)
     layer_cache = cache[layer]
     _attention_kernel[(B, n_head)](qkv, layer_cache, pos, y, D ** -0.5, layer_cache.stride(0),
                                    layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
-                                   n_head, D=D, BLOCK_T=block_t)
+                                   n_head, D=D, BLOCK_T=block_t, num_warps=num_warps)
     return y
 
 

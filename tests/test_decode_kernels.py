@@ -77,7 +77,7 @@ def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
                 raise AssertionError(message)
         print("cases", cases)
     """)
-    assert "cases 180" in out  # 2 dtypes x (2 checks x 42 (shape, config) pairs + 6 shapes)
+    assert "cases 252" in out  # 2 dtypes x (2 checks x 60 (shape, config) pairs + 6 shapes)
 
 
 def test_attention_matches_softmax_over_cache_and_own_token() -> None:
