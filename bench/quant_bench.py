@@ -323,11 +323,13 @@ def run_gpu_shapes(args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.empty_cache()
     notes = [
         "random weights in bf16 (speed and memory don't depend on the values); int8 = "
-        "int8-weight-only: per-row int8 weights + bf16 scales. For 1-16 rows (decode at batch 1 "
-        "and 16) decode_kernels.py's Triton kernel (int8_kernel: triton), called as one custom op "
-        "from the Engine's compiled decode step and captured in its CUDA graphs; larger inputs "
-        "(prefill) F.linear(x, w.to(bf16)) * scales. int8_plain_*: the same int8 model with "
-        "the kernel off (the plain formula everywhere), measured in the same run.",
+        "int8-weight-only: per-row int8 weights + bf16 scales. Both models decode on "
+        "decode_kernels.py (int8_kernel: triton): for 1-16 rows each matmul is one Triton kernel "
+        "with the LayerNorm before it and the bias/GELU/residual after it fused in, reading bf16 "
+        "or int8 weights; one attention kernel per layer; all called as custom ops from the "
+        "Engine's compiled decode step and captured in its CUDA graphs. Larger inputs (prefill) "
+        "use F.linear (int8: F.linear(x, w.to(bf16)) * scales). int8_plain_*: the same int8 "
+        "model with its int8 kernel off (the plain formula for its matmuls), same run.",
         "*_mb is weights resident on the device; int8 keeps a bf16 copy of the embedding (wte, "
         "dequantized at load) for the lookup next to lm_head's int8 rows.",
         "tok/s at batch 1 is decode only (prefill excluded); at batch 16 it includes prefill.",
