@@ -40,6 +40,7 @@ except ImportError:  # torch's CPU wheels ship without Triton
     triton = None
 
 MAX_ROWS = 16  # above this the matmul has enough rows to be compute-bound: cuBLAS wins
+WIDE_N = 16384  # float matmuls with more outputs than this take cuBLAS from 2 rows on
 # Triton's interpreter (CPU tests) has no GPU to autotune on: there the launcher takes the
 # block sizes from its caller, which runs every config in turn.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -313,7 +314,10 @@ def linear_module(x: torch.Tensor, module: nn.Module, *, ln: nn.LayerNorm | None
     WeightOnlyInt8Linear (anything with qweight and scales): one kernel for M <= 16 where
     `supports(x)` (an int8 module with its `triton` flag off excepted), else torch ops."""
     int8 = hasattr(module, "qweight")
-    if x.shape[0] <= MAX_ROWS and supports(x) and getattr(module, "triton", True):
+    # A wide float matmul (the lm_head) at 2-16 rows is faster on cuBLAS's tensor-core tiles
+    # (16 rows x 50k: 26.7 against 34.5 us on an H200, bench/results/decode_kernels_h200.json)
+    wide = not int8 and x.shape[0] > 1 and module.weight.shape[0] > WIDE_N
+    if x.shape[0] <= MAX_ROWS and not wide and supports(x) and getattr(module, "triton", True):
         weight = module.qweight if int8 else module.weight
         ln_args = (ln.weight, ln.bias, ln.eps) if ln is not None else (None, None, 1e-5)
         return linear_op(x, weight, module.bias, module.scales if int8 else None, ln_args[0], ln_args[1],

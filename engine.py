@@ -7,7 +7,9 @@ A continuous-batching generator of token ids over a KV cache allocated once:
   decode steps, prefills them in padded batches of chunks, and runs one batched decode step
   over the slots in use. Finished or cancelled requests leave at once and free their slot.
 - The decode step is `model.decode_step`, a pure function (the new K/V come back and one
-  indexed copy writes them for every layer). On CUDA it is compiled with torch.compile,
+  indexed copy writes them for every layer). On a GPU it runs on decode_kernels.py's Triton
+  kernels (five per layer for up to 16 rows, the attention one at any batch). On CUDA it is
+  compiled with torch.compile,
   captured as CUDA graphs, one per (batch bucket, length bucket, steps), and runs one launch
   ahead of the host: launch t+1 is queued before the tokens of launch t are read back, so
   host bookkeeping overlaps GPU work. A greedy launch may run several decode steps in one

@@ -4,7 +4,7 @@
 
 For GPT-2 124M/774M layer shapes and M = 1, 16 rows: bf16 F.linear; our int8_linear compiled
 with dynamic shapes (what WeightOnlyInt8Linear ran); compiled for static shapes; and
-dequantise-then-cuBLAS; and int8_gemv.py's Triton kernel (what the engine now runs for 1-16
+dequantise-then-cuBLAS; and decode_kernels.py's Triton kernel (what the engine now runs for 1-16
 rows, autotuned on its first call). Times are per call inside a CUDA graph (triton's do_bench_cudagraph),
 so launch overhead is excluded and the kernels alone are compared. The coordinate-descent
 variant is gpt-fast's setting (inductor tunes each generated kernel's block sizes).
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import int8_gemv  # noqa: E402
+import decode_kernels  # noqa: E402
 from quantization import int8_linear  # noqa: E402
 
 SHAPES = {"124M c_attn": (768, 2304), "124M attn c_proj": (768, 768), "124M c_fc": (768, 3072),
@@ -51,7 +51,7 @@ def main() -> None:
         "int8_compiled_static_coordinate_descent": (lambda f: lambda x, w, q, s, b: f(x, q, s, b))(
             torch.compile(int8_linear, dynamic=False, options={"coordinate_descent_tuning": True})),
         "int8_dequant_then_cublas": lambda x, w, q, s, b: dequant_then_mm(x, q, s, b),
-        "int8_triton": lambda x, w, q, s, b: int8_gemv.int8_matmul(x, q, s, b),  # what the engine runs
+        "int8_triton": lambda x, w, q, s, b: decode_kernels.linear(x, q, b, scales=s),  # what the engine runs
     }
     if args.variants:
         variants = {k: variants[k] for k in args.variants.split(",")}
@@ -70,7 +70,7 @@ def main() -> None:
                 row[vname + "_us"] = round(do_bench_cudagraph(lambda: fn(x, w, q, s, b), rep=50) * 1000, 2)
             if "int8_triton" in variants:  # the kernel against the plain formula, relative max error
                 want = dequant_then_mm(x, q, s, b).float()
-                got = int8_gemv.int8_matmul(x, q, s, b).float()
+                got = decode_kernels.linear(x, q, b, scales=s).float()
                 row["int8_triton_rel_err"] = float((got - want).abs().max() / want.abs().max())
             row["bf16_weight_read_us_at_3TBps"] = round(n * k * 2 / 3.0e12 * 1e6, 2)
             rows.append(row)
