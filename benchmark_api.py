@@ -12,7 +12,9 @@ clients move in step: a level's requests end together, and one process serves al
 clients' next requests one after another). Past a few thousand req/s one process is itself
 the limit: `--processes N` splits each level's clients and `--requests` over N
 spawned processes that start their clocks together (a barrier); their samples are merged, so
-percentiles are over all requests, and the level's duration is the longest process's.
+percentiles are over all requests, and the level's duration is the longest process's. In open
+loop (`--mode rate`) each process sends Poisson arrivals at rate/N with its share of
+`--max-in-flight`: independent Poisson streams add up to one at the offered rate.
 
 Prompts are cut from real held-out code (`--prompts-from` a directory of .py files, a data
 directory holding val_files.json, or a val_files.json itself): random line-aligned windows
@@ -36,6 +38,8 @@ Usage:
     # open loop: Poisson arrivals at fixed request rates, as real users come (they do not wait
     # for each other; closed-loop clients with equal requests fall into step and arrive in bursts)
     python benchmark_api.py --mode rate --rates 50,100,200 --duration 30 --requests 10000
+    # past ~1000 req/s one process is the limit of the load generator: spread it over several
+    python benchmark_api.py --mode rate --rates 1000,2000 --processes 4 --requests 100000
 
     # TTFT / time per output token through SSE on the OpenAI route
     python benchmark_api.py --mode sweep --endpoint v1 --stream --api-key KEY
@@ -53,8 +57,10 @@ processes (load-generator processes used), cache_hits (answers the server's resp
 gave during the level, from /stats; null if the server has no /stats), server_p50/p95_ms
 (/complete's own latency_ms: the time spent inside the server), and from /stats' engine
 counters: engine_steps_per_s, engine_mean_batch (rows per decode step), engine_prefills_per_s
-and engine_mean_prefill_rows (null for a server without them, such as vLLM). Prompts are
-distinct per request so a cache has nothing to hit.
+and engine_mean_prefill_rows (null for a server without them, such as vLLM). Rate mode
+adds rate (the offered total), and its clients is the peak in flight (over several processes
+the sum of their peaks, an upper bound). Prompts are distinct per request so a cache has
+nothing to hit.
 """
 from __future__ import annotations
 
@@ -429,18 +435,22 @@ async def _run_level(target: Target, clients: int, prompts: Sequence[str], reque
 
 async def _drive_open(target: Target, rate: float, prompts: Sequence[str], requests: int,
                       duration_s: float, drain_s: float, seed: int, offset: int,
-                      max_in_flight: int) -> tuple[list[Sample], int, float, int]:
+                      max_in_flight: int, barrier: Any = None) -> tuple[list[Sample], int, float, int]:
     """Open loop: requests arrive as a Poisson process of `rate` per second (seeded), whatever
     the answers; (samples, issued, elapsed_s, peak in flight). Real users do not wait for each
     other: closed-loop clients with equal requests fall into step and arrive in bursts. At most
     max_in_flight requests are open at once (a connection each, reused); later arrivals wait
     for one, and that wait counts in their latency."""
+    # seeded by offset too: load processes, each with its own run of offsets, draw different
+    # arrival streams (independent streams at rate/n add up to one Poisson stream at rate)
     rng = random.Random(seed + offset)
     slots = asyncio.Semaphore(max_in_flight)
     idle: list[aiohttp.ClientSession] = []
     sessions: list[aiohttp.ClientSession] = []
     samples: list[Sample] = []
     in_flight = peak = 0
+    if barrier is not None:
+        barrier.wait(timeout=_BARRIER_TIMEOUT_S)  # as in _drive: the processes' clocks start together
     last_done = start = time.perf_counter()
 
     async def one(i: int, due: float) -> None:
@@ -495,7 +505,8 @@ def _level_row(target: Target, clients: int, requests: int, samples: list[Sample
 
 # ---- one level over several processes -------------------------------------------------------
 # Past ~1000 req/s one Python process (one event loop) is the limit of the load generator
-# itself: with processes=N each level's clients and request bound are split over N processes.
+# itself: with processes=N each level's clients (closed loop) or rate (open loop), and its
+# request bound, are split over N processes.
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -504,13 +515,20 @@ def split(total: int, parts: int) -> list[int]:
     return [q + (i < r) for i in range(parts)]
 
 
-def _level_worker(results: Any, barrier: Any, index: int, target: Target, clients: int,
-                  prompts: Sequence[str], requests: int, duration_s: float, drain_s: float,
-                  seed: int, offset: int) -> None:
-    """A spawned process's share of a level: (index, (samples, issued, elapsed), error) on results."""
+def _level_worker(results: Any, barrier: Any, index: int, target: Target, prompts: Sequence[str],
+                  requests: int, duration_s: float, drain_s: float, seed: int, offset: int,
+                  clients: int, rate: float | None, max_in_flight: int) -> None:
+    """A spawned process's share of a level: `clients` closed-loop clients, or with `rate` open-loop
+    arrivals at that rate (at most max_in_flight open). Puts (index, (samples, issued, elapsed,
+    peak in flight), error) on results."""
     try:
-        out = asyncio.run(_drive(target, clients, prompts, requests, duration_s, drain_s, seed,
-                                 offset, barrier=barrier))
+        if rate is None:
+            samples, issued, elapsed = asyncio.run(_drive(target, clients, prompts, requests, duration_s,
+                                                          drain_s, seed, offset, barrier=barrier))
+            out = (samples, issued, elapsed, clients)  # closed loop: each client has one request open
+        else:
+            out = asyncio.run(_drive_open(target, rate, prompts, requests, duration_s, drain_s, seed,
+                                          offset, max_in_flight, barrier=barrier))
         results.put((index, out, None))
     except Exception as e:  # report, never leave the parent or the siblings at the barrier waiting
         barrier.abort()
@@ -518,23 +536,31 @@ def _level_worker(results: Any, barrier: Any, index: int, target: Target, client
         raise  # and the traceback on stderr
 
 
-def _run_level_processes(target: Target, clients: int, prompts: Sequence[str], requests: int,
-                         duration_s: float, drain_s: float, seed: int, offset: int,
-                         processes: int) -> dict:
+def _run_level_processes(target: Target, prompts: Sequence[str], requests: int, duration_s: float,
+                         drain_s: float, seed: int, offset: int, processes: int, *,
+                         clients: int = 0, rate: float | None = None, max_in_flight: int = 1) -> dict:
+    """One level over `processes` spawned processes: closed loop with `clients` split over them, or
+    open loop (`rate` given) with each at rate / processes and its share of max_in_flight. The
+    caller picks processes so that no share is empty (clients, or requests and max_in_flight)."""
     import multiprocessing
     import queue
 
-    n = min(processes, clients)  # never a process without clients
+    n = processes
     ctx = multiprocessing.get_context("spawn")  # no fork: the caller may hold threads or CUDA
     results, barrier = ctx.Queue(), ctx.Barrier(n)
-    client_shares, request_shares = split(clients, n), split(requests, n)
-    # each process takes its own run of prompts (and seeds) from the level's range
+    request_shares = split(requests, n)
+    client_shares = split(clients, n) if rate is None else [0] * n
+    slot_shares = split(max_in_flight, n) if rate is not None else [0] * n
+    # a superposition of independent Poisson streams is a Poisson stream at the summed rate
+    share_rate = None if rate is None else rate / n
+    # each process takes its own run of prompts (and seeds, and open loop its arrival RNG's seed)
+    # from the level's range
     offsets = [offset + sum(request_shares[:i]) for i in range(n)]
     procs = [ctx.Process(target=_level_worker, daemon=True,
-                         args=(results, barrier, i, target, client_shares[i], prompts,
-                               request_shares[i], duration_s, drain_s, seed, offsets[i]))
+                         args=(results, barrier, i, target, prompts, request_shares[i], duration_s,
+                               drain_s, seed, offsets[i], client_shares[i], share_rate, slot_shares[i]))
              for i in range(n)]
-    outs: dict[int, tuple[list[Sample], int, float]] = {}
+    outs: dict[int, tuple[list[Sample], int, float, int]] = {}
     try:
         for p in procs:
             p.start()
@@ -558,7 +584,12 @@ def _run_level_processes(target: Target, clients: int, prompts: Sequence[str], r
     samples = [s for out in outs.values() for s in out[0]]
     issued = sum(out[1] for out in outs.values())
     elapsed = max(out[2] for out in outs.values())  # they started together: the longest is the level
-    return _level_row(target, clients, requests, samples, issued, elapsed, processes=n)
+    # closed loop: the clients. Open loop: the sum of the processes' peaks in flight, an upper
+    # bound of the level's true peak (the processes need not peak at the same moment)
+    in_flight = sum(out[3] for out in outs.values())
+    row = _level_row(target, in_flight, requests, samples, issued, elapsed, processes=n)
+    # open loop: the same row as one process gives, its rate the total offered
+    return row if rate is None else {"rate": rate, **row}
 
 
 async def _warmup(target: Target, prompts: Sequence[str], n: int) -> None:
@@ -579,17 +610,20 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
     """Benchmark each concurrency in clients_list in turn; one summary dict per level.
 
     rates: open loop instead (Poisson arrivals at each rate in requests/s, at most max_in_flight
-    open at once, one process); clients_list is then unused and each row's `rate` is the
-    offered rate, its `clients` the peak number of requests in flight.
+    open at once); clients_list is then unused and each row's `rate` is the offered rate, its
+    `clients` the peak number of requests in flight (over several processes: the sum of their
+    peaks, an upper bound).
 
     Not callable from inside a running event loop (it runs its own with asyncio.run).
     stream=True implies endpoint="v1" (SSE lives on /v1/completions).
     processes > 1: each level's clients and request bound are split over min(processes, clients)
-    spawned processes (the duration bound applies to each); no progress bar then."""
+    spawned processes; open loop, the rate, request bound and max_in_flight are split over
+    min(processes, requests_per_level, max_in_flight) of them, each at its share of the rate.
+    The duration bound applies to each process; no progress bar then."""
     if processes < 1:
         raise ValueError(f"processes must be >= 1, not {processes}")
-    if rates is not None and (processes != 1 or any(r <= 0 for r in rates) or max_in_flight < 1):
-        raise ValueError("open-loop rates must be > 0, with one process and max_in_flight >= 1")
+    if rates is not None and (any(not r > 0 or math.isinf(r) for r in rates) or max_in_flight < 1):
+        raise ValueError("open-loop rates must be finite and > 0, and max_in_flight >= 1")
     if stream:
         endpoint = "v1"
     target = Target(url, endpoint, stream, max_tokens, temperature, api_key,
@@ -601,20 +635,27 @@ def run_sweep(url: str, clients_list: Sequence[int] = DEFAULT_CLIENTS, *,
         asyncio.run(_warmup(target, prompts, warmup))
     rows = []
     offset = warmup
-    for level in (rates if rates is not None else clients_list):
+    open_loop = rates is not None
+    for level in (rates if open_loop else clients_list):
         before = _server_stats(url, api_key)
-        if rates is not None:
+        if open_loop:
+            # never a process without a request to send or a slot to send it on
+            n = min(processes, requests_per_level, max_in_flight)
+        else:
+            n = min(processes, int(level))  # never a process without clients
+        if n > 1:
+            row = _run_level_processes(target, prompts, requests_per_level, duration_s, drain_s, seed,
+                                       offset, n, clients=0 if open_loop else int(level),
+                                       rate=float(level) if open_loop else None, max_in_flight=max_in_flight)
+            level_prompts = requests_per_level  # the processes' runs of prompts span the bound
+        elif open_loop:
             row = _run_rate_level(target, float(level), prompts, requests_per_level, duration_s, drain_s,
                                   seed, offset, max_in_flight)
             level_prompts = row["requests"] + row["cancelled"]
-        elif min(processes, int(level)) == 1:
+        else:
             row = asyncio.run(_run_level(target, int(level), prompts, requests_per_level,
                                          duration_s, drain_s, seed, progress, offset))
             level_prompts = row["requests"] + row["cancelled"]
-        else:
-            row = _run_level_processes(target, int(level), prompts, requests_per_level,
-                                       duration_s, drain_s, seed, offset, processes)
-            level_prompts = requests_per_level  # the processes' runs of prompts span the bound
         after = _server_stats(url, api_key)
         # answers served from the server's response cache never touched the model: show them
         hits = [s.get("cache_hits") if s else None for s in (before, after)]
@@ -790,14 +831,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--processes", type=int, default=1,
-                   help="load-generator processes per level (clients and --requests split over them)")
+                   help="load-generator processes per level: the clients (rate mode: the rate and "
+                        "--max-in-flight) and --requests split over them")
     args = p.parse_args(argv)
     if args.stream:
         args.endpoint = "v1"
     if args.requests < 1 or args.duration <= 0 or args.processes < 1 or args.max_in_flight < 1:
         p.error("--requests, --processes and --max-in-flight must be >= 1 and --duration > 0")
-    if args.mode == "rate" and args.processes != 1:
-        p.error("--mode rate runs in one process (--processes 1)")
     return args
 
 

@@ -7,6 +7,7 @@ CLI runs as a subprocess, exactly as a person would run it, and run_sweep in-pro
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import sysconfig
@@ -223,3 +224,55 @@ def test_run_sweep_over_processes(server_url: str) -> None:
     assert row["requests"] == 16 and row["stopped_by"] == "requests" and row["cancelled"] == 0
     assert row["p50_ms"] is not None and row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     assert row["duration_s"] > 0 and row["req_per_s"] > 0
+
+
+def test_cli_rate_mode_over_processes(server_url: str, tmp_path: Path) -> None:
+    """--mode rate --processes 2: each process sends Poisson arrivals at half the rate, and the
+    merged row reads like a one-process row at the offered total rate."""
+    out = tmp_path / "rate2.json"
+    rate, duration = 40.0, 2.0
+    r = run_cli("--url", server_url, "--mode", "rate", "--rates", str(rate), "--duration", str(duration),
+                "--requests", "1000", "--processes", "2", "--max-tokens", str(MAX_TOKENS), "--out", str(out),
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["processes"] == 2 and len(data["results"]) == 1
+    row = data["results"][0]
+    check_level(row, False)
+    assert row["processes"] == 2 and row["rate"] == rate and row["stopped_by"] == "duration"
+    # the arrivals are seeded, so the count does not depend on how fast this machine is: only
+    # the Poisson spread around rate x duration (within 4 standard deviations)
+    mean, issued = rate * duration, row["requests"] + row["cancelled"]
+    assert abs(issued - mean) <= 4 * mean ** 0.5 + 1, (issued, mean)
+    # clients: the sum of the two processes' peaks in flight, each at least one
+    assert row["clients"] >= 2
+    assert row["p50_ms"] is not None and row["duration_s"] > 0
+
+
+def test_run_sweep_open_loop_splits_bounds_over_processes(server_url: str) -> None:
+    # 40 requests over 2 processes: 20 each, reached long before the 20 s duration bound. All
+    # 40 answered means both processes sent (neither may send more than its 20)
+    rows = benchmark_api.run_sweep(server_url, rates=[40.0], processes=2, max_tokens=MAX_TOKENS,
+                                   requests_per_level=40, duration_s=20, drain_s=10, max_in_flight=3,
+                                   progress=False)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["processes"] == 2 and row["rate"] == 40.0
+    assert row["errors"] == 0, row["error_codes"]
+    assert row["requests"] == row["ok"] == 40 and row["cancelled"] == 0
+    assert row["stopped_by"] == "requests" and row["duration_s"] < 20
+    # max_in_flight is split too (2 + 1): the summed peaks cannot pass it
+    assert 2 <= row["clients"] <= 3
+
+
+def test_open_loop_arguments() -> None:
+    # several processes with rates are accepted now; bad values are still refused up front
+    # (before any request, so no server is needed)
+    args = benchmark_api.parse_args(["--mode", "rate", "--rates", "100", "--processes", "4"])
+    assert args.processes == 4 and args.rates == [100.0]
+    for bad in ({"rates": [0.0]}, {"rates": [10.0, -1.0]}, {"rates": [math.inf]},
+                {"rates": [10.0], "max_in_flight": 0}, {"rates": [10.0], "processes": 0}):
+        with pytest.raises(ValueError):
+            benchmark_api.run_sweep("http://127.0.0.1:9", progress=False, **bad)
+    with pytest.raises(SystemExit):
+        benchmark_api.parse_args(["--mode", "rate", "--max-in-flight", "0"])

@@ -131,6 +131,23 @@ def test_fused_decode_step_and_engine_match_torch_ops() -> None:
                     got, got_kv = m.decode_step(tokens, pos, cache, 72)
                 assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
                 assert torch.allclose(got_kv, want_kv, atol=1e-5)
+        # a float lm_head wider than WIDE_N goes to torch ops from 2 rows on: the same logits
+        import decode_kernels
+        wide_model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=64, block_size=128, vocab_size=320)).eval()
+        decode_kernels.WIDE_N = 4 * 64  # the fc layer's width: only the lm_head is wider
+        kernel_op, widths = decode_kernels.linear_op, []
+        decode_kernels.linear_op = lambda x, w, *rest: widths.append(w.shape[0]) or kernel_op(x, w, *rest)
+        tokens, pos = torch.tensor([3, 7]), torch.tensor([4, 9])
+        with torch.no_grad():
+            wide, _ = wide_model.decode_step(tokens, pos, cache, 16)
+        decode_kernels.linear_op = kernel_op
+        assert widths == [192, 64, 256, 64], widths
+        with torch.no_grad():
+            model_module.DECODE_KERNELS = "torch"
+            want, _ = wide_model.decode_step(tokens, pos, cache, 16)
+        model_module.DECODE_KERNELS = "triton"
+        assert torch.allclose(wide, want, atol=1e-4)
+        decode_kernels.WIDE_N = 16384
         engine = Engine(float_model, max_batch=4)
         prompts = [[5, 6, 7], [1] * 20, [9, 8], [4] * 33, [2, 3]]  # 5 requests over 4 slots
         outs = engine.generate_batch(prompts, SamplingParams(max_tokens=12))
