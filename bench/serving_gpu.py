@@ -283,11 +283,12 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
             # each level as it ends: a run stopped at a time limit still leaves what it measured
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(sweep, indent=2) + "\n")
         # open loop (Poisson arrivals): the latency at a given request rate, without the bursts
-        # of closed-loop clients that fall into step
+        # of closed-loop clients that fall into step; over the load processes, as one process
+        # falls behind its own schedule past ~1,000 req/s
         rates = [float(r) for r in args.rates.split(",") if r.strip()]
         open_loop = benchmark_api.run_sweep(url, rates=rates, max_tokens=args.new_tokens,
                                             requests_per_level=40_000, duration_s=10, progress=False,
-                                            prompts=prompts) if rates else []
+                                            prompts=prompts, processes=args.load_processes) if rates else []
         return {"server_single": single, "concurrency": sweep, "open_loop": open_loop,
                 "single_stream_p50_ms_server": single[0]["p50_ms"],
                 "server_http_workers": args.http_workers, "load_processes": args.load_processes,
