@@ -44,6 +44,10 @@ WIDE_N = 16384  # float matmuls with more outputs than this take cuBLAS from 2 r
 # Triton's interpreter (CPU tests) has no GPU to autotune on: there the launcher takes the
 # block sizes from its caller, which runs every config in turn.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Programmatic dependent launch (Hopper and later): each kernel may start while the one before
+# it still runs, reads its weights (which nothing writes) and only then waits for the earlier
+# kernel's outputs, so a step's ~80 launches overlap their start-up. DECODE_PDL=1 turns it on.
+PDL = os.environ.get("DECODE_PDL", "0") == "1" and not INTERPRET
 
 
 def available() -> bool:
@@ -74,7 +78,7 @@ if triton is not None:
     _SMALL_MM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                          for n, k, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4),
                                          (64, 128, 4), (64, 256, 8), (16, 512, 4), (32, 512, 8))]
-    _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL"]
+    _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "USE_PDL"]
 
     @triton.jit
     def _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K: tl.constexpr):
@@ -129,24 +133,31 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, N, K, eps,
                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
                      HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_m = tl.arange(0, 1)
         m_mask = offs_m < 1
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        if USE_PDL:  # the first weight block is in flight: now wait for x (see PDL)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         mean = tl.zeros((1,), dtype=tl.float32)
         rstd = mean
         if HAS_LN:
             mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K)
         # products summed elementwise, reduced over K once at the end (as in _row_stats)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
+        acc = w.to(tl.float32) * x  # x (1, BLOCK_K) broadcasts over N
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
             w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
                         mask=n_mask[:, None] & k_mask[None, :], other=0)
-            acc += w.to(tl.float32) * x  # x (1, BLOCK_K) broadcasts over N
+            acc += w.to(tl.float32) * x
         _epilogue(tl.sum(acc, axis=1)[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
                   HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
 
@@ -154,10 +165,13 @@ if triton is not None:
     def _small_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, M, N, K, eps,
                          HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
                          HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_m = tl.arange(0, 16)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask, n_mask = offs_m < M, offs_n < N
+        if USE_PDL:  # nothing to prefetch across tl.dot's pipelined loop: just the earlier start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         mean = tl.zeros((16,), dtype=tl.float32)
         rstd = mean
         if HAS_LN:
@@ -177,9 +191,12 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(qkv_ptr, cache_ptr, pos_ptr, y_ptr, scale,
                           stride_kv, stride_s, stride_h, stride_t, H,
-                          D: tl.constexpr, BLOCK_T: tl.constexpr):
+                          D: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (b, h): row b's query for head h against the row's first pos[b] cached
         keys/values (slot b) and its own new key/value, in one pass (online softmax)."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         b, h = tl.program_id(0), tl.program_id(1)
         C = H * D
         offs_d = tl.arange(0, D)
@@ -253,12 +270,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     args += [residual.contiguous() if residual is not None else any_ptr, y]
     flags = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, HAS_LN=ln_weight is not None,
                  HAS_LN_BIAS=ln_bias is not None, GELU=gelu, HAS_RESIDUAL=residual is not None)
-    blocks = (config or configs(M)[0]) if INTERPRET else {}
+    blocks = (config or configs(M)[0]) if INTERPRET else {"launch_pdl": PDL}
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     if M == 1:
-        _gemv_kernel[grid](*args, N, K, eps, **flags, **blocks)
+        _gemv_kernel[grid](*args, N, K, eps, **flags, USE_PDL=PDL, **blocks)
     else:
-        _small_mm_kernel[grid](*args, M, N, K, eps, **flags, **blocks)
+        _small_mm_kernel[grid](*args, M, N, K, eps, **flags, USE_PDL=PDL, **blocks)
     return y
 
 
@@ -280,7 +297,8 @@ def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Ten
     layer_cache = cache[layer]
     _attention_kernel[(B, n_head)](qkv, layer_cache, pos, y, D ** -0.5, layer_cache.stride(0),
                                    layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
-                                   n_head, D=D, BLOCK_T=block_t, num_warps=num_warps)
+                                   n_head, D=D, BLOCK_T=block_t, num_warps=num_warps, USE_PDL=PDL,
+                                   **({} if INTERPRET else {"launch_pdl": PDL}))
     return y
 
 

@@ -10,7 +10,9 @@ replays it, so a call's time includes the in-graph launch gap but not the host:
   call reads its own copy of the weight, 150+ MB in all, so weights come from HBM as in a
   real step (the same weight 20 times over would sit in the H200's 50 MB L2);
 - attention: every (block_t, num_warps) candidate at batch 1, 16, 128 and 256 with each row
-  100 positions in (and 1,000 at batch 1).
+  100 positions in (and 1,000 at batch 1);
+- step: a whole decode step (GPT.decode_step, eager, 10 steps per graph) at batch 1 and 16,
+  with programmatic dependent launch off and on (decode_kernels.PDL), side by side.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import decode_kernels  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 C, H, D, V = 768, 12, 64, 50304
 ATTENTION_CANDIDATES = [(32, 2), (64, 2), (64, 4), (128, 4), (128, 8), (256, 8)]
@@ -90,6 +93,24 @@ def attention_rows() -> list[dict]:
     return out
 
 
+def step_rows() -> list[dict]:
+    model = GPT(GPTConfig()).cuda().to(torch.bfloat16).eval()
+    cache = torch.randn(12, 2, 17, H, 257, D, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for B in (1, 16):
+        tokens = torch.randint(0, V, (B,), device="cuda")
+        pos = torch.full((B,), 100, device="cuda")
+        row = {"batch": B, "positions": 100}
+        for pdl in (False, True, False, True):  # twice each, interleaved: drift shows as a spread
+            decode_kernels.PDL = pdl
+            with torch.no_grad():
+                us = graph_us(lambda i: model.decode_step(tokens, pos, cache, 128), calls=10)
+            row.setdefault(f"pdl_{'on' if pdl else 'off'}_us_per_step", []).append(us)
+        out.append(row)
+    decode_kernels.PDL = False
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/decode_kernels_h200.json")
@@ -98,7 +119,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
-              "linear": linear_rows(1) + linear_rows(16), "attention": attention_rows()}
+              "step": step_rows(), "linear": linear_rows(1) + linear_rows(16), "attention": attention_rows()}
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
