@@ -84,21 +84,33 @@ if triton is not None:
     _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "USE_PDL"]
 
     @triton.jit
-    def _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K: tl.constexpr):
-        """LayerNorm's mean and 1/std of rows offs_m of x (M, K) in fp32, in one pass that sums
-        x and x^2 elementwise and reduces once at the end (a reduction per block would put
-        a cross-warp exchange on the critical path of every iteration)."""
-        total = tl.zeros((offs_m.shape[0], BLOCK_K), dtype=tl.float32)
-        total_sq = tl.zeros((offs_m.shape[0], BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask = m_mask[:, None] & (offs_k < K)[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            total += x
-            total_sq += x * x
-        mean = tl.sum(total, axis=1) / K
-        var = tl.maximum(tl.sum(total_sq, axis=1) / K - mean * mean, 0.0)
-        return mean, 1.0 / tl.sqrt(var + eps)
+    def _row_stats(x_ptr, offs_m, m_mask, K, eps, HAS_LN: tl.constexpr, BLOCK_K: tl.constexpr):
+        """LayerNorm's mean and 1/std of rows offs_m of x (M, K) in fp32 (zeros without HAS_LN),
+        in one pass that sums x and x^2 elementwise and reduces once at the end (a reduction
+        per block would put a cross-warp exchange on the critical path of every iteration)."""
+        mean = tl.zeros(offs_m.shape, dtype=tl.float32)
+        rstd = mean
+        if HAS_LN:
+            total = tl.zeros((offs_m.shape[0], BLOCK_K), dtype=tl.float32)
+            total_sq = tl.zeros((offs_m.shape[0], BLOCK_K), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask = m_mask[:, None] & (offs_k < K)[None, :]
+                x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+                total += x
+                total_sq += x * x
+            mean = tl.sum(total, axis=1) / K
+            var = tl.maximum(tl.sum(total_sq, axis=1) / K - mean * mean, 0.0)
+            rstd = 1.0 / tl.sqrt(var + eps)
+        return mean, rstd
+
+    @triton.jit
+    def _wait_for_inputs(USE_PDL: tl.constexpr):
+        """With programmatic dependent launch (see PDL): wait until the kernel before this one
+        has finished (its outputs are this one's inputs), then let the next one launch."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd,
@@ -144,13 +156,8 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
-        if USE_PDL:  # the first weight block is in flight: now wait for x (see PDL)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        mean = tl.zeros((1,), dtype=tl.float32)
-        rstd = mean
-        if HAS_LN:
-            mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K)
+        _wait_for_inputs(USE_PDL)  # the first weight block is already in flight
+        mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, HAS_LN, BLOCK_K)
         # products summed elementwise, reduced over K once at the end (as in _row_stats)
         x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
         acc = w.to(tl.float32) * x  # x (1, BLOCK_K) broadcasts over N
@@ -172,13 +179,8 @@ if triton is not None:
         offs_m = tl.arange(0, 16)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask, n_mask = offs_m < M, offs_n < N
-        if USE_PDL:  # nothing to prefetch across tl.dot's pipelined loop: just the earlier start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        mean = tl.zeros((16,), dtype=tl.float32)
-        rstd = mean
-        if HAS_LN:
-            mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, BLOCK_K)
+        _wait_for_inputs(USE_PDL)  # nothing to prefetch across tl.dot's pipelined loop
+        mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, HAS_LN, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -197,9 +199,7 @@ if triton is not None:
                           D: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
         """Program (b, h): row b's query for head h against the row's first pos[b] cached
         keys/values (slot b) and its own new key/value, in one pass (online softmax)."""
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        _wait_for_inputs(USE_PDL)
         b, h = tl.program_id(0), tl.program_id(1)
         C = H * D
         offs_d = tl.arange(0, D)
@@ -245,6 +245,12 @@ def configs(rows: int) -> list[dict[str, int]]:
     return [dict(c.kwargs) for c in (_GEMV_CONFIGS if rows == 1 else _SMALL_MM_CONFIGS)]
 
 
+def _launch_options() -> dict:
+    """Launch options every kernel takes: programmatic dependent launch when PDL is on (the
+    interpreter knows no launch options)."""
+    return {} if INTERPRET else {"launch_pdl": PDL}
+
+
 def _need_triton() -> None:
     if triton is None:
         raise RuntimeError("decode_kernels needs Triton (pip install triton); callers check available() first")
@@ -273,12 +279,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     args += [residual.contiguous() if residual is not None else any_ptr, y]
     flags = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, HAS_LN=ln_weight is not None,
                  HAS_LN_BIAS=ln_bias is not None, GELU=gelu, HAS_RESIDUAL=residual is not None)
-    blocks = (config or configs(M)[0]) if INTERPRET else {"launch_pdl": PDL}
+    blocks = (config or configs(M)[0]) if INTERPRET else {}
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     if M == 1:
-        _gemv_kernel[grid](*args, N, K, eps, **flags, USE_PDL=PDL, **blocks)
+        _gemv_kernel[grid](*args, N, K, eps, **flags, USE_PDL=PDL, **blocks, **_launch_options())
     else:
-        _small_mm_kernel[grid](*args, M, N, K, eps, **flags, USE_PDL=PDL, **blocks)
+        _small_mm_kernel[grid](*args, M, N, K, eps, **flags, USE_PDL=PDL, **blocks, **_launch_options())
     return y
 
 
@@ -301,7 +307,7 @@ def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Ten
     _attention_kernel[(B, n_head)](qkv, layer_cache, pos, y, D ** -0.5, layer_cache.stride(0),
                                    layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
                                    n_head, D=D, BLOCK_T=block_t, num_warps=num_warps, USE_PDL=PDL,
-                                   **({} if INTERPRET else {"launch_pdl": PDL}))
+                                   **_launch_options())
     return y
 
 
@@ -340,9 +346,9 @@ def linear_module(x: torch.Tensor, module: nn.Module, *, ln: nn.LayerNorm | None
     wide = not int8 and x.shape[0] > 1 and module.weight.shape[0] > WIDE_N
     if x.shape[0] <= MAX_ROWS and not wide and supports(x) and getattr(module, "triton", True):
         weight = module.qweight if int8 else module.weight
-        ln_args = (ln.weight, ln.bias, ln.eps) if ln is not None else (None, None, 1e-5)
-        return linear_op(x, weight, module.bias, module.scales if int8 else None, ln_args[0], ln_args[1],
-                         ln_args[2], gelu, residual)
+        ln_weight, ln_bias, eps = (ln.weight, ln.bias, ln.eps) if ln is not None else (None, None, 1e-5)
+        return linear_op(x, weight, module.bias, module.scales if int8 else None, ln_weight, ln_bias, eps,
+                         gelu, residual)
     if ln is not None:
         x = ln(x)
     y = module(x)
