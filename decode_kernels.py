@@ -47,10 +47,16 @@ WIDE_N = 16384  # float matmuls with more outputs than this take cuBLAS from 2 r
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Programmatic dependent launch (Hopper and later): each kernel may start while the one before
 # it still runs, reads its weights (which nothing writes) and only then waits for the earlier
-# kernel's outputs, so a step's ~80 launches overlap their start-up. DECODE_PDL=1 turns it on;
-# off by default: on an H200 it took a batch-1 step from 256 to 240 us but a batch-16 one from
-# 423 to 437 us (bench/results/decode_kernels_pdl_h200.json).
-PDL = os.environ.get("DECODE_PDL", "0") == "1" and not INTERPRET
+# kernel's outputs, so a step's launches overlap their start-up. DECODE_PDL: "auto" (default)
+# for one-row kernels on compute capability 9+, "1" for every kernel, "0" never. On an H200
+# it took a batch-1 step from 256 to 240 us but a batch-16 one from 423 to 437 us
+# (bench/results/decode_kernels_pdl_h200.json), hence one row only by default.
+PDL = os.environ.get("DECODE_PDL", "auto")
+if PDL not in ("auto", "0", "1"):
+    raise ValueError(f"DECODE_PDL must be auto, 0 or 1, got {PDL!r}")
+# one-row kernels: the fused attention + projection and MLP kernels below (one row each,
+# split-K over a workspace); more rows take the linear / attention kernels, layer by layer
+FUSED_ROWS = 1
 
 
 def available() -> bool:
@@ -81,7 +87,13 @@ if triton is not None:
     _SMALL_MM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                          for n, k, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4),
                                          (64, 128, 4), (64, 256, 8), (16, 512, 4), (32, 512, 8))]
-    _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "USE_PDL"]
+    # The fused MLP (one row): BLOCK_H hidden units per program, BLOCK_K of x per step of the
+    # first matmul, BLOCK_N outputs per step of the second (split-K, so more programs mean more
+    # atomic adds into each output: 3072 / BLOCK_H per output for GPT-2's MLP).
+    _MLP_CONFIGS = [triton.Config({"BLOCK_H": h, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w)
+                    for h, k, n, w in ((16, 256, 128, 4), (16, 512, 128, 4), (32, 256, 64, 4), (32, 256, 128, 8),
+                                       (32, 512, 64, 8), (64, 256, 64, 8), (16, 1024, 128, 8), (64, 512, 32, 8))]
+    _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "KV_OUT", "USE_PDL"]
 
     @triton.jit
     def _row_stats(x_ptr, offs_m, m_mask, K, eps, HAS_LN: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -127,10 +139,9 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
-                  HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                  HAS_RESIDUAL: tl.constexpr):
-        """acc (R, BLOCK_N) fp32 -> scales, bias, GELU (tanh), residual -> y in y's dtype."""
+    def _scale_bias_gelu(acc, s_ptr, b_ptr, offs_n, n_mask, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         GELU: tl.constexpr):
+        """acc (R, BLOCK_N) fp32 -> * scales, + bias, GELU (tanh), in fp32."""
         y = acc
         if HAS_SCALES:
             y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -138,14 +149,37 @@ if triton is not None:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GELU:  # 0.5 y (1 + tanh(u)) = y sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3)
             y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+        return y
+
+    @triton.jit
+    def _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                  HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                  HAS_RESIDUAL: tl.constexpr):
+        """acc (R, BLOCK_N) fp32 -> scales, bias, GELU, residual -> y in y's dtype; returns y as stored."""
+        y = _scale_bias_gelu(acc, s_ptr, b_ptr, offs_n, n_mask, HAS_SCALES, HAS_BIAS, GELU)
         mask = m_mask[:, None] & n_mask[None, :]
         offs = offs_m[:, None] * N + offs_n[None, :]
         if HAS_RESIDUAL:
             y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        y = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + offs, y, mask=mask)
+        return y
+
+    @triton.jit
+    def _store_kv(y, kv_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h,
+                  stride_t):
+        """The key and value columns [C, 3C) of a qkv tile y (R, BLOCK_N) into the layer's cache
+        (2, S, H, L, D): row m's at slot m, position pos[m]."""
+        pos = tl.load(pos_ptr + offs_m, mask=m_mask, other=0)
+        kv = offs_n // C - 1  # 0 key, 1 value (-1: a query column, not stored)
+        col = offs_n % C
+        offs_col = kv * stride_kv + (col // D) * stride_h + col % D
+        offs = offs_col[None, :] + (offs_m * stride_s + pos * stride_t)[:, None]
+        tl.store(kv_ptr + offs, y.to(kv_ptr.dtype.element_ty), mask=m_mask[:, None] & (n_mask & (kv >= 0))[None, :])
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, N, K, eps,
+                     kv_ptr, pos_ptr, C, D, stride_kv, stride_s, stride_h, stride_t, KV_OUT: tl.constexpr,
                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
                      HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                      USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -168,11 +202,14 @@ if triton is not None:
             w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
                         mask=n_mask[:, None] & k_mask[None, :], other=0)
             acc += w.to(tl.float32) * x
-        _epilogue(tl.sum(acc, axis=1)[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
-                  HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
+        y = _epilogue(tl.sum(acc, axis=1)[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                      HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
+        if KV_OUT:
+            _store_kv(y, kv_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t)
 
     @triton.jit
     def _small_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, M, N, K, eps,
+                         kv_ptr, pos_ptr, C, D, stride_kv, stride_s, stride_h, stride_t, KV_OUT: tl.constexpr,
                          HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
                          HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                          USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -190,17 +227,16 @@ if triton is not None:
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],  # (BLOCK_K, BLOCK_N): W.T
                         mask=k_mask[:, None] & n_mask[None, :], other=0)
             acc += tl.dot(x, w.to(x.dtype))
-        _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
-                  HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
+        y = _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                      HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
+        if KV_OUT:
+            _store_kv(y, kv_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t)
 
     @triton.jit
-    def _attention_kernel(qkv_ptr, cache_ptr, pos_ptr, y_ptr, scale,
-                          stride_kv, stride_s, stride_h, stride_t, H,
-                          D: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
-        """Program (b, h): row b's query for head h against the row's first pos[b] cached
-        keys/values (slot b) and its own new key/value, in one pass (online softmax)."""
-        _wait_for_inputs(USE_PDL)
-        b, h = tl.program_id(0), tl.program_id(1)
+    def _attend(qkv_ptr, cache_ptr, pos_ptr, b, h, scale, stride_kv, stride_s, stride_h, stride_t, H,
+                D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Row b's query for head h against the row's first pos[b] cached keys/values (slot b)
+        and its own new key/value, in one pass (online softmax): the head's output (D,) fp32."""
         C = H * D
         offs_d = tl.arange(0, D)
         row = qkv_ptr + b * 3 * C + h * D
@@ -224,11 +260,113 @@ if triton is not None:
             denom = denom * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m = m_new
-        tl.store(y_ptr + b * C + h * D + offs_d, (acc / denom).to(y_ptr.dtype.element_ty))
+        return acc / denom
+
+    @triton.jit
+    def _attention_kernel(qkv_ptr, cache_ptr, pos_ptr, y_ptr, scale,
+                          stride_kv, stride_s, stride_h, stride_t, H,
+                          D: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (b, h): head h of row b (see _attend) into y (B, C)."""
+        _wait_for_inputs(USE_PDL)
+        b, h = tl.program_id(0), tl.program_id(1)
+        o = _attend(qkv_ptr, cache_ptr, pos_ptr, b, h, scale, stride_kv, stride_s, stride_h, stride_t, H, D, BLOCK_T)
+        tl.store(y_ptr + b * H * D + h * D + tl.arange(0, D), o.to(y_ptr.dtype.element_ty))
+
+    # Split-K with the sum in a workspace. Two kernels below each own a slice of a matmul's K
+    # (a head of the attention projection, a slice of the MLP's hidden units): every program
+    # adds its partial output row (N,) into an fp32 row of the workspace with atomics, and the
+    # program that arrives last (a counter per row) reads the sum, finishes the row (scales,
+    # bias, residual) and puts the workspace back to zeros for the next kernel. So the matmul
+    # needs no kernel of its own and no reduce kernel. The atomics make the fp32 sum's order,
+    # and so its last bits, vary between runs on a GPU.
+    @triton.jit
+    def _add_partial(acc_ptr, part, offs_n, n_mask):
+        tl.atomic_add(acc_ptr + offs_n, part, mask=n_mask, sem="relaxed")
+
+    @triton.jit
+    def _finish_split_k(acc_ptr, count_ptr, programs, s_ptr, b_ptr, r_ptr, y_ptr, N,
+                        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """After this program's _add_partial calls: count it in; the last of `programs` writes
+        y = residual + sum * scales + bias (one row of N) and zeroes the row and its counter."""
+        tl.debug_barrier()  # every thread's atomics issued before the counter's release
+        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == programs - 1:
+            offs_m = tl.arange(0, 1)
+            for n0 in range(0, N, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                n_mask = offs_n < N
+                total = tl.load(acc_ptr + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
+                tl.store(acc_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=n_mask)
+                _epilogue(total[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, offs_m < 1, offs_n, n_mask, N,
+                          HAS_SCALES, HAS_BIAS, False, True)
+            tl.store(count_ptr, 0)
+
+    @triton.jit
+    def _attention_proj_kernel(qkv_ptr, cache_ptr, pos_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, count_ptr,
+                               scale, stride_kv, stride_s, stride_h, stride_t, H,
+                               HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+                               D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Program (b, h): y[b] = x[b] + attention(...) @ W.T + bias, head h's share of the
+        projection being W[:, h*D:(h+1)*D] @ head h's output (split-K over heads)."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        C = H * D
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BLOCK_N)
+        w_cols = w_ptr + h * D + offs_d[None, :]
+        w = tl.load(w_cols + offs_n[:, None] * C, mask=(offs_n < C)[:, None], other=0)
+        _wait_for_inputs(USE_PDL)  # the first weight block is already in flight
+        o = _attend(qkv_ptr, cache_ptr, pos_ptr, b, h, scale, stride_kv, stride_s, stride_h, stride_t, H, D, BLOCK_T)
+        o = o.to(y_ptr.dtype.element_ty).to(tl.float32)[None, :]  # rounded as the unfused path's y
+        _add_partial(acc_ptr + b * C, tl.sum(w.to(tl.float32) * o, axis=1), offs_n, offs_n < C)
+        for n0 in range(BLOCK_N, C, BLOCK_N):
+            offs = n0 + offs_n
+            w = tl.load(w_cols + offs[:, None] * C, mask=(offs < C)[:, None], other=0)
+            _add_partial(acc_ptr + b * C, tl.sum(w.to(tl.float32) * o, axis=1), offs, offs < C)
+        _finish_split_k(acc_ptr + b * C, count_ptr + b, H, s_ptr, b_ptr, r_ptr + b * C, y_ptr + b * C, C,
+                        HAS_SCALES, HAS_BIAS, BLOCK_N)
+
+    @triton.jit
+    def _mlp_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, y_ptr, acc_ptr, count_ptr,
+                    K, HID, eps, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+                    USE_PDL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One row: y = x + gelu(LN(x) @ W1.T * s1 + b1) @ W2.T * s2 + b2, x (1, K), W1 (HID, K),
+        W2 (K, HID). Program p computes hidden units [p*BLOCK_H, (p+1)*BLOCK_H) whole (they need
+        all of x), then their share of the second matmul (split-K over the hidden units)."""
+        offs_m = tl.arange(0, 1)
+        m_mask = offs_m < 1
+        offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < HID
+        offs_k = tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w1_ptr + offs_h[:, None] * K + offs_k[None, :], mask=h_mask[:, None] & k_mask[None, :], other=0)
+        _wait_for_inputs(USE_PDL)  # the first weight block is already in flight
+        mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, True, BLOCK_K)
+        x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, True, HAS_LN_BIAS)
+        acc = w.to(tl.float32) * x
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, True, HAS_LN_BIAS)
+            w = tl.load(w1_ptr + offs_h[:, None] * K + offs_k[None, :], mask=h_mask[:, None] & k_mask[None, :],
+                        other=0)
+            acc += w.to(tl.float32) * x
+        hidden = _scale_bias_gelu(tl.sum(acc, axis=1)[None, :], s1_ptr, b1_ptr, offs_h, h_mask, HAS_SCALES, HAS_BIAS,
+                                  True)
+        # rounded to the activations' dtype as the unfused path's hidden layer is
+        hidden = tl.where(h_mask[None, :], hidden.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        for n0 in range(0, K, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < K
+            w2 = tl.load(w2_ptr + offs_n[:, None] * HID + offs_h[None, :], mask=n_mask[:, None] & h_mask[None, :],
+                         other=0)
+            _add_partial(acc_ptr, tl.sum(w2.to(tl.float32) * hidden, axis=1), offs_n, n_mask)
+        _finish_split_k(acc_ptr, count_ptr, tl.num_programs(0), s2_ptr, b2_ptr, x_ptr, y_ptr, K,
+                        HAS_SCALES, HAS_BIAS, BLOCK_N)
 
     if not INTERPRET:
         _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY)(_gemv_kernel)
         _small_mm_kernel = triton.autotune(configs=_SMALL_MM_CONFIGS, key=_KEY)(_small_mm_kernel)
+        # each timed run of a config is a whole split-K sum: the workspace is zeros after it
+        _mlp_kernel = triton.autotune(configs=_MLP_CONFIGS, key=["K", "HID", "HAS_SCALES", "USE_PDL"])(_mlp_kernel)
 
 
 def attention_blocks(batch: int) -> tuple[int, int]:
@@ -245,10 +383,49 @@ def configs(rows: int) -> list[dict[str, int]]:
     return [dict(c.kwargs) for c in (_GEMV_CONFIGS if rows == 1 else _SMALL_MM_CONFIGS)]
 
 
-def _launch_options() -> dict:
-    """Launch options every kernel takes: programmatic dependent launch when PDL is on (the
-    interpreter knows no launch options)."""
-    return {} if INTERPRET else {"launch_pdl": PDL}
+def mlp_configs() -> list[dict[str, int]]:
+    """The fused MLP kernel's block sizes the autotuner chooses from (the tests run each)."""
+    return [dict(c.kwargs) for c in _MLP_CONFIGS]
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _use_pdl(x: torch.Tensor, rows: int) -> bool:
+    """Whether kernels on x's device with `rows` rows launch with PDL (see PDL)."""
+    if INTERPRET or PDL == "0":
+        return False
+    if PDL == "1":
+        return True
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return rows <= FUSED_ROWS and _CAPABILITY[index] >= (9, 0)
+
+
+def _launch_options(pdl: bool) -> dict:
+    """Launch options every kernel takes (the interpreter knows none)."""
+    return {} if INTERPRET else {"launch_pdl": pdl}
+
+
+_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K kernels' zeroed fp32 rows (FUSED_ROWS, >= width) and int32 counters on
+    `device`. One per device, shared by every kernel: each leaves it zeroed, and a step's
+    kernels run one after another on one stream (two streams running decode kernels on one
+    device at once would share it). It must exist before a CUDA graph is captured, as the
+    engine's warm-up step makes it: an allocation inside the capture would be the graph's."""
+    ws = _WORKSPACES.get(device)
+    if ws is None or ws[0].size(1) < width:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("decode_kernels: run one decode step before capturing a CUDA graph "
+                               "(the split-K workspace is allocated on first use)")
+        ws = (torch.zeros((FUSED_ROWS, width), dtype=torch.float32, device=device),
+              torch.zeros(FUSED_ROWS, dtype=torch.int32, device=device))
+        _WORKSPACES[device] = ws
+    return ws
 
 
 def _need_triton() -> None:
@@ -256,14 +433,30 @@ def _need_triton() -> None:
         raise RuntimeError("decode_kernels needs Triton (pip install triton); callers check available() first")
 
 
+def _cache_args(cache: torch.Tensor | None, layer: int, pos: torch.Tensor | None, n_head: int, width: int) -> list:
+    """(kv_ptr, pos_ptr, C, D, strides of the layer's cache) for a kernel's K/V store, or
+    placeholders when there is no cache to write."""
+    if cache is None:
+        return [None, None, 1, 1, 0, 0, 0, 0]
+    C = width // 3
+    D = C // n_head
+    if cache.size(3) != n_head or cache.size(5) != D or cache.stride(5) != 1:
+        raise ValueError(f"the K/V store needs a (n_layer, 2, S, {n_head}, L, {D}) cache, got {tuple(cache.shape)}")
+    layer_cache = cache[layer]
+    return [layer_cache, pos, C, D, *layer_cache.stride()[:4]]
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            scales: torch.Tensor | None = None, ln_weight: torch.Tensor | None = None,
            ln_bias: torch.Tensor | None = None, eps: float = 1e-5, gelu: bool = False,
-           residual: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None, layer: int = 0,
+           pos: torch.Tensor | None = None, n_head: int = 1, config: dict[str, int] | None = None) -> torch.Tensor:
     """[residual +] gelu?(LayerNorm?(x) @ weight.T * scales? + bias?) for x (M, K), M <= 16,
     weight (N, K) in x's dtype or int8 (with scales (N,)); -> (M, N) in x's dtype. The
-    LayerNorm (ln_weight, ln_bias, eps) is over K. `config` (block sizes) only under the
-    interpreter; on a GPU the autotuner picks them."""
+    LayerNorm (ln_weight, ln_bias, eps) is over K. With kv_cache (n_layer, 2, S, n_head, L, D)
+    the output is a qkv (N = 3C) and its key and value columns are also written into
+    kv_cache[layer] at (slot m, position pos[m]) for every row m. `config` (block sizes) only
+    under the interpreter; on a GPU the autotuner picks them."""
     _need_triton()
     M, K = x.shape
     N = weight.shape[0]
@@ -277,41 +470,111 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     any_ptr = weight  # an absent operand's pointer: its HAS_ flag is off, so it is never read
     args = [x, weight] + [t if t is not None else any_ptr for t in (scales, bias, ln_weight, ln_bias)]
     args += [residual.contiguous() if residual is not None else any_ptr, y]
+    kv = _cache_args(kv_cache, layer, pos, n_head, N)
+    kv[:2] = [t if t is not None else any_ptr for t in kv[:2]]
     flags = dict(HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, HAS_LN=ln_weight is not None,
-                 HAS_LN_BIAS=ln_bias is not None, GELU=gelu, HAS_RESIDUAL=residual is not None)
+                 HAS_LN_BIAS=ln_bias is not None, GELU=gelu, HAS_RESIDUAL=residual is not None,
+                 KV_OUT=kv_cache is not None)
     blocks = (config or configs(M)[0]) if INTERPRET else {}
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    pdl = _use_pdl(x, M)
     if M == 1:
-        _gemv_kernel[grid](*args, N, K, eps, **flags, USE_PDL=PDL, **blocks, **_launch_options())
+        _gemv_kernel[grid](*args, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
     else:
-        _small_mm_kernel[grid](*args, M, N, K, eps, **flags, USE_PDL=PDL, **blocks, **_launch_options())
+        _small_mm_kernel[grid](*args, M, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
     return y
+
+
+def _check_cache(qkv: torch.Tensor, cache: torch.Tensor, n_head: int) -> int:
+    """The head size D, after checking the cache is (n_layer, 2, S, n_head, L, D), D a power of two."""
+    D = qkv.shape[1] // 3 // n_head
+    if cache.size(3) != n_head or cache.size(5) != D or D & (D - 1) or cache.stride(5) != 1:
+        raise ValueError(f"attention needs a (n_layer, 2, S, {n_head}, L, D) cache with D a power of two, "
+                         f"got {tuple(cache.shape)}")
+    return D
 
 
 def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
               block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Decode attention: qkv (B, 3C) this step's q, k, v per row; cache (n_layer, 2, S, H, Lmax,
     D), row b's keys/values in slot b at positions [0, pos[b]); -> (B, C) in qkv's dtype, the
-    heads side by side. Reads the cache only; the caller writes the new k, v afterwards."""
+    heads side by side. Reads cache positions below pos[b] only: the step's own k, v come from qkv."""
     _need_triton()
     B, C3 = qkv.shape
-    D = C3 // 3 // n_head
-    if cache.size(3) != n_head or cache.size(5) != D or D & (D - 1) or cache.stride(5) != 1:
-        raise ValueError(f"attention needs a (n_layer, 2, S, {n_head}, L, D) cache with D a power of two, "
-                         f"got {tuple(cache.shape)}")
+    D = _check_cache(qkv, cache, n_head)
     qkv = qkv.contiguous()
     default_t, default_warps = attention_blocks(B)
     block_t, num_warps = block_t or default_t, num_warps or default_warps
     y = torch.empty((B, C3 // 3), dtype=qkv.dtype, device=qkv.device)
     layer_cache = cache[layer]
-    _attention_kernel[(B, n_head)](qkv, layer_cache, pos, y, D ** -0.5, layer_cache.stride(0),
-                                   layer_cache.stride(1), layer_cache.stride(2), layer_cache.stride(3),
-                                   n_head, D=D, BLOCK_T=block_t, num_warps=num_warps, USE_PDL=PDL,
-                                   **_launch_options())
+    pdl = _use_pdl(qkv, B)
+    _attention_kernel[(B, n_head)](qkv, layer_cache, pos, y, D ** -0.5, *layer_cache.stride()[:4],
+                                   n_head, D=D, BLOCK_T=block_t, num_warps=num_warps, USE_PDL=pdl,
+                                   **_launch_options(pdl))
     return y
 
 
-# The compiled step's view of the two: opaque ops, their output shapes from the fakes.
+def attention_proj(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
+                   weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
+                   residual: torch.Tensor, block_t: int | None = None, block_n: int = 64) -> torch.Tensor:
+    """residual + attention(qkv, ...) @ weight.T * scales? + bias? in one kernel, for up to
+    FUSED_ROWS rows: each (row, head) program projects its head's output through that head's
+    columns of weight (C, C) and the partial rows are summed in the split-K workspace."""
+    _need_triton()
+    B, C3 = qkv.shape
+    C = C3 // 3
+    D = _check_cache(qkv, cache, n_head)
+    if B > FUSED_ROWS or weight.shape != (C, C) or (weight.dtype == torch.int8) != (scales is not None):
+        raise ValueError(f"attention_proj takes up to {FUSED_ROWS} rows and a ({C}, {C}) weight (int8 with scales), "
+                         f"got {B} rows and {tuple(weight.shape)} {weight.dtype}")
+    qkv, weight = qkv.contiguous(), weight.contiguous()
+    acc, counts = _workspace(qkv.device, C)
+    y = torch.empty((B, C), dtype=qkv.dtype, device=qkv.device)
+    layer_cache = cache[layer]
+    block_t = block_t or attention_blocks(B)[0]
+    pdl = _use_pdl(qkv, B)
+    _attention_proj_kernel[(B, n_head)](
+        qkv, layer_cache, pos, weight, scales if scales is not None else weight, bias if bias is not None else weight,
+        residual.contiguous(), y, acc, counts, D ** -0.5, *layer_cache.stride()[:4], n_head,
+        HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, USE_PDL=pdl, D=D, BLOCK_T=block_t,
+        BLOCK_N=block_n, num_warps=4, **_launch_options(pdl))
+    return y
+
+
+def mlp(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, eps: float,
+        fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, fc_scales: torch.Tensor | None,
+        proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, proj_scales: torch.Tensor | None,
+        config: dict[str, int] | None = None) -> torch.Tensor:
+    """x + gelu(LN(x) @ fc_weight.T * fc_scales? + fc_bias) @ proj_weight.T * proj_scales? + proj_bias
+    for one row x (1, K), fc_weight (HID, K), proj_weight (K, HID), both int8 with scales or both
+    in x's dtype, biases both present or both absent: one kernel (split-K over the hidden units)."""
+    _need_triton()
+    M, K = x.shape
+    HID = fc_weight.shape[0]
+    int8 = fc_weight.dtype == torch.int8
+    if (M > FUSED_ROWS or fc_weight.shape != (HID, K) or proj_weight.shape != (K, HID)
+            or (proj_weight.dtype == torch.int8) != int8 or (fc_scales is not None) != int8
+            or (proj_scales is not None) != int8 or (fc_bias is None) != (proj_bias is None)):
+        raise ValueError(f"mlp takes {FUSED_ROWS} row and (HID, K), (K, HID) weights alike in dtype, scales and "
+                         f"bias; got x {tuple(x.shape)}, {tuple(fc_weight.shape)} {fc_weight.dtype}, "
+                         f"{tuple(proj_weight.shape)} {proj_weight.dtype}")
+    x = x.contiguous()
+    acc, counts = _workspace(x.device, K)
+    y = torch.empty_like(x)
+    any_ptr = fc_weight
+    args = [x, ln_weight, ln_bias if ln_bias is not None else any_ptr]
+    for t in (fc_weight.contiguous(), fc_scales, fc_bias, proj_weight.contiguous(), proj_scales, proj_bias):
+        args.append(t if t is not None else any_ptr)
+    blocks = (config or mlp_configs()[0]) if INTERPRET else {}
+    grid = lambda meta: (triton.cdiv(HID, meta["BLOCK_H"]),)  # noqa: E731
+    pdl = _use_pdl(x, M)
+    _mlp_kernel[grid](*args, y, acc, counts, K, HID, eps, HAS_SCALES=int8, HAS_BIAS=fc_bias is not None,
+                      HAS_LN_BIAS=ln_bias is not None, USE_PDL=pdl, **blocks, **_launch_options(pdl))
+    return y
+
+
+# The compiled step's view of these: opaque ops, their output shapes from the fakes. The
+# split-K ops declare no mutation: their workspace is zeros before and after each call.
 @torch.library.custom_op("code_assistant::decode_linear", mutates_args=())
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
               ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, gelu: bool,
@@ -325,6 +588,19 @@ def _(x, weight, bias, scales, ln_weight, ln_bias, eps, gelu, residual) -> torch
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+@torch.library.custom_op("code_assistant::decode_qkv", mutates_args=("cache",))
+def qkv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
+           ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, cache: torch.Tensor,
+           layer: int, pos: torch.Tensor, n_head: int) -> torch.Tensor:
+    return linear(x, weight, bias, scales=scales, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, kv_cache=cache,
+                  layer=layer, pos=pos, n_head=n_head)
+
+
+@qkv_op.register_fake
+def _(x, weight, bias, scales, ln_weight, ln_bias, eps, cache, layer, pos, n_head) -> torch.Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 @torch.library.custom_op("code_assistant::decode_attention", mutates_args=())
 def attention_op(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int) -> torch.Tensor:
     return attention(qkv, cache, layer, pos, n_head)
@@ -335,20 +611,67 @@ def _(qkv, cache, layer, pos, n_head) -> torch.Tensor:
     return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
 
 
+@torch.library.custom_op("code_assistant::decode_attention_proj", mutates_args=())
+def attention_proj_op(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
+                      weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
+                      residual: torch.Tensor) -> torch.Tensor:
+    return attention_proj(qkv, cache, layer, pos, n_head, weight, bias, scales, residual)
+
+
+@attention_proj_op.register_fake
+def _(qkv, cache, layer, pos, n_head, weight, bias, scales, residual) -> torch.Tensor:
+    return residual.new_empty(residual.shape)
+
+
+@torch.library.custom_op("code_assistant::decode_mlp", mutates_args=())
+def mlp_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, eps: float,
+           fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, fc_scales: torch.Tensor | None,
+           proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, proj_scales: torch.Tensor | None) -> torch.Tensor:
+    return mlp(x, ln_weight, ln_bias, eps, fc_weight, fc_bias, fc_scales, proj_weight, proj_bias, proj_scales)
+
+
+@mlp_op.register_fake
+def _(x, ln_weight, ln_bias, eps, fc_weight, fc_bias, fc_scales, proj_weight, proj_bias, proj_scales) -> torch.Tensor:
+    return x.new_empty(x.shape)
+
+
+def weights_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, scales) of an nn.Linear (scales None) or a WeightOnlyInt8Linear."""
+    return (module.qweight, module.scales) if hasattr(module, "qweight") else (module.weight, None)
+
+
+def on_kernels(x: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether x (rows, width) goes through the kernels with these linear modules: up to
+    MAX_ROWS rows where `supports(x)`, no int8 module with its `triton` flag off, and no float
+    matmul wider than WIDE_N at 2-16 rows (the lm_head: cuBLAS's tensor-core tiles measured
+    faster there, 16 rows x 50k: 26.7 against 34.5 us on an H200,
+    bench/results/decode_kernels_h200.json)."""
+    if x.shape[0] > MAX_ROWS or not supports(x):
+        return False
+    for m in modules:
+        int8 = hasattr(m, "qweight")
+        if not getattr(m, "triton", True) or (not int8 and x.shape[0] > 1 and m.weight.shape[0] > WIDE_N):
+            return False
+    return True
+
+
+def fuses_layer(x: torch.Tensor, attn_proj: nn.Module, fc: nn.Module, proj: nn.Module) -> bool:
+    """Whether a block's attention projection and MLP run as the two split-K kernels: up to
+    FUSED_ROWS rows on the kernels, the MLP's two matmuls alike (both int8 or both not, both
+    with bias or both without)."""
+    return (x.shape[0] <= FUSED_ROWS and on_kernels(x, attn_proj, fc, proj)
+            and hasattr(fc, "qweight") == hasattr(proj, "qweight") and (fc.bias is None) == (proj.bias is None))
+
+
 def linear_module(x: torch.Tensor, module: nn.Module, *, ln: nn.LayerNorm | None = None, gelu: bool = False,
                   residual: torch.Tensor | None = None) -> torch.Tensor:
     """[residual +] gelu?(module(ln?(x))) for x (M, K) and an nn.Linear or a
-    WeightOnlyInt8Linear (anything with qweight and scales): one kernel for M <= 16 where
-    `supports(x)` (an int8 module with its `triton` flag off excepted), else torch ops."""
-    int8 = hasattr(module, "qweight")
-    # A wide float matmul (the lm_head) at 2-16 rows is faster on cuBLAS's tensor-core tiles
-    # (16 rows x 50k: 26.7 against 34.5 us on an H200, bench/results/decode_kernels_h200.json)
-    wide = not int8 and x.shape[0] > 1 and module.weight.shape[0] > WIDE_N
-    if x.shape[0] <= MAX_ROWS and not wide and supports(x) and getattr(module, "triton", True):
-        weight = module.qweight if int8 else module.weight
+    WeightOnlyInt8Linear (anything with qweight and scales): one kernel where `on_kernels`,
+    else torch ops."""
+    if on_kernels(x, module):
+        weight, scales = weights_of(module)
         ln_weight, ln_bias, eps = (ln.weight, ln.bias, ln.eps) if ln is not None else (None, None, 1e-5)
-        return linear_op(x, weight, module.bias, module.scales if int8 else None, ln_weight, ln_bias, eps,
-                         gelu, residual)
+        return linear_op(x, weight, module.bias, scales, ln_weight, ln_bias, eps, gelu, residual)
     if ln is not None:
         x = ln(x)
     y = module(x)

@@ -6,11 +6,10 @@ A continuous-batching generator of token ids over a KV cache allocated once:
 - A scheduler (`step`, run by a background thread or inline) admits waiting requests between
   decode steps, prefills them in padded batches of chunks, and runs one batched decode step
   over the slots in use. Finished or cancelled requests leave at once and free their slot.
-- The decode step is `model.decode_step`, a pure function (the new K/V come back and one
-  indexed copy writes them for every layer). On a GPU it runs on decode_kernels.py's Triton
-  kernels (five per layer for up to 16 rows, the attention one at any batch). On CUDA it is
-  compiled with torch.compile,
-  captured as CUDA graphs, one per (batch bucket, length bucket, steps), and runs one launch
+- The decode step is `model.decode_step`, which writes each row's new K/V into its slot at
+  its position. On a GPU it runs on decode_kernels.py's Triton kernels (three per layer for
+  one row, five for up to 16, the attention one at any batch). On CUDA it is compiled with
+  torch.compile, captured as CUDA graphs, one per (batch bucket, length bucket, steps), and runs one launch
   ahead of the host: launch t+1 is queued before the tokens of launch t are read back, so
   host bookkeeping overlaps GPU work. A greedy launch may run several decode steps in one
   graph (`decode_steps`, opt-in) while nobody waits for a slot: one launch and one read-back
@@ -248,7 +247,6 @@ class Engine:
         self.tokens_buf, self.pos_buf, self.active_buf = z(torch.long), z(torch.long), z(torch.long)
         self.temp_buf, self.topp_buf = z(torch.float32), z(torch.float32) + 1.0
         self.topk_buf, self.seed_buf = z(torch.long), z(torch.long)
-        self._rows = torch.arange(max_batch, device=self.device)
         self.pos_host = [0] * max_batch
         self._active_host = [False] * max_batch  # mirrors active_buf: a device write only when it changes
         # The decoding rows (the slots active_buf marks, ascending) and their requests, rebuilt
@@ -804,9 +802,8 @@ class Engine:
     def _decode(self, B: int, length: int, greedy: bool) -> torch.Tensor:
         """Rows [0, B): run the model on each row's token, write the new K/V at (row, pos).
         Greedy: pick the tokens and advance, returning them (B,); else return logits (B, V)."""
-        logits, nxt, new_kv = self._decode_fn(self.model, self.tokens_buf[:B], self.pos_buf[:B],
-                                              self.cache, length, self.vocab_size)
-        self.cache[:, :, self._rows[:B], :, self.pos_buf[:B]] = new_kv.to(self.cache.dtype)
+        logits, nxt = self._decode_fn(self.model, self.tokens_buf[:B], self.pos_buf[:B], self.cache, length,
+                                      self.vocab_size)
         if not greedy:
             return logits
         self._advance(B, nxt)
@@ -893,14 +890,14 @@ class Engine:
 
 
 def _decode_and_pick(model: nn.Module, tokens: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
-                     length: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """model.decode_step plus the greedy pick, so the argmax over the vocabulary is compiled
-    into the same graph. Returns the logits over the tokenizer's ids (B, vocab_size) in the
-    model's dtype (sample_tokens casts them; no float copy is written for greedy steps), their
-    argmax (B,) and the new K/V."""
-    logits, new_kv = model.decode_step(tokens, pos, cache, length)
+                     length: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.decode_step (writing the new K/V into the cache at each row's position) plus the
+    greedy pick, so the argmax over the vocabulary is compiled into the same graph. Returns
+    the logits over the tokenizer's ids (B, vocab_size) in the model's dtype (sample_tokens
+    casts them; no float copy is written for greedy steps) and their argmax (B,)."""
+    logits, _ = model.decode_step(tokens, pos, cache, length, write_kv=True)
     logits = logits[:, :vocab_size]
-    return logits, logits.argmax(dim=-1), new_kv
+    return logits, logits.argmax(dim=-1)
 
 
 def _is_fatal(e: Exception) -> bool:

@@ -145,19 +145,38 @@ class Block(nn.Module):
         x = x + y
         return x + self.mlp(self.ln_2(x)), kv
 
-    def decode_fused(self, x: torch.Tensor, cache: torch.Tensor, layer: int,
-                     pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`decode` on decode_kernels.py: five kernels for up to 16 rows (LayerNorm inside the
-        matmul that follows it, bias / GELU / residual inside the one before), the attention
-        one kernel at any batch. cache is the whole (n_layer, 2, S, H, Lmax, D) cache."""
+    def decode_fused(self, x: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor,
+                     write_kv: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`decode` on decode_kernels.py (LayerNorm inside the matmul that follows it, bias /
+        GELU / residual inside the one before). cache is the whole (n_layer, 2, S, H, Lmax, D)
+        cache. One row: three kernels (LN + qkv; attention + projection + residual; the whole
+        MLP). 2-16 rows: five (LN + qkv, attention, projection, LN + fc + GELU, projection);
+        more: cuBLAS matmuls around the attention kernel. write_kv: the qkv kernel also writes
+        the new key/value into the cache at (row b, pos[b]) and None comes back for them
+        (more than 16 rows: the caller writes the returned ones)."""
         attn, mlp = self.attn, self.mlp
-        qkv = decode_kernels.linear_module(x, attn.c_attn, ln=self.ln_1)  # (B, 3C)
+        B, C = x.shape
+        if write_kv and decode_kernels.on_kernels(x, attn.c_attn):
+            weight, scales = decode_kernels.weights_of(attn.c_attn)
+            qkv = decode_kernels.qkv_op(x, weight, attn.c_attn.bias, scales, self.ln_1.weight, self.ln_1.bias,
+                                        self.ln_1.eps, cache, layer, pos, attn.n_head)
+            kv = None
+        else:
+            qkv = decode_kernels.linear_module(x, attn.c_attn, ln=self.ln_1)  # (B, 3C)
+            kv = qkv.view(B, 3, attn.n_head, C // attn.n_head)[:, 1:].transpose(0, 1)  # (2, B, H, D)
+        if decode_kernels.fuses_layer(x, attn.c_proj, mlp.c_fc, mlp.c_proj):
+            weight, scales = decode_kernels.weights_of(attn.c_proj)
+            x = decode_kernels.attention_proj_op(qkv, cache, layer, pos, attn.n_head, weight, attn.c_proj.bias,
+                                                 scales, x)
+            fc, fc_scales = decode_kernels.weights_of(mlp.c_fc)
+            proj, proj_scales = decode_kernels.weights_of(mlp.c_proj)
+            x = decode_kernels.mlp_op(x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, fc, mlp.c_fc.bias,
+                                      fc_scales, proj, mlp.c_proj.bias, proj_scales)
+            return x, kv
         y = decode_kernels.attention_op(qkv, cache, layer, pos, attn.n_head)  # (B, C)
         x = decode_kernels.linear_module(y, attn.c_proj, residual=x)
         h = decode_kernels.linear_module(x, mlp.c_fc, ln=self.ln_2, gelu=True)
-        x = decode_kernels.linear_module(h, mlp.c_proj, residual=x)
-        B, C = x.shape
-        return x, qkv.view(B, 3, attn.n_head, C // attn.n_head)[:, 1:].transpose(0, 1)  # (2, B, H, D)
+        return decode_kernels.linear_module(h, mlp.c_proj, residual=x), kv
 
 
 class GPT(nn.Module):
@@ -242,21 +261,24 @@ class GPT(nn.Module):
         return self.lm_head(x), None
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor,
-                    length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step for B rows, as a pure function: it reads the cache and writes nothing.
+                    length: int, write_kv: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode step for B rows.
 
         tokens, pos (B,): each row's newest token and its position; cache (n_layer, 2, S, H,
         Lmax, D), rows [0, B) hold these rows; length: how many leading positions to read
         (> max(pos)), so short sequences read less. Returns logits (B, V) and the new keys and
-        values (B, n_layer, 2, H, D), which the caller writes at (row, pos): one indexed copy
-        for every layer, and nothing for torch.compile to turn into copies of the cache."""
+        values (B, n_layer, 2, H, D), which the caller writes at (row, pos): as a pure function
+        the step gives torch.compile nothing to turn into copies of the cache. write_kv=True
+        (the engine) writes them into the cache itself and returns None for them: on the
+        kernels the qkv matmul stores them as it makes them, which saves a stacking copy per
+        layer and the caller's scatter."""
         x = self.transformer.wte(tokens) + self.transformer.wpe(pos)  # (B, C)
         B = tokens.size(0)
         new_kv = []
         fused = DECODE_KERNELS == "triton" and decode_kernels.supports(x)
         for i, block in enumerate(self.transformer.h):
             if fused:  # the attention kernel reads each row's first pos[b] positions itself
-                x, kv = block.decode_fused(x, cache, i, pos)
+                x, kv = block.decode_fused(x, cache, i, pos, write_kv)
             else:
                 x, kv = block.decode(x, cache[i, 0, :B, :, :length], cache[i, 1, :B, :, :length], pos)
             new_kv.append(kv)
@@ -264,7 +286,13 @@ class GPT(nn.Module):
             logits = decode_kernels.linear_module(x, self.lm_head, ln=self.transformer.ln_f)
         else:
             logits = self.lm_head(self.transformer.ln_f(x))
-        return logits, torch.stack(new_kv).permute(2, 0, 1, 3, 4)
+        if new_kv[0] is None:  # written by the qkv kernels
+            return logits, None
+        new_kv = torch.stack(new_kv).permute(2, 0, 1, 3, 4)
+        if not write_kv:
+            return logits, new_kv
+        cache[:, :, torch.arange(B, device=x.device), :, pos] = new_kv.to(cache.dtype)
+        return logits, None
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float,
                              betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
