@@ -4,27 +4,35 @@ At batch 1 a GPT-2 124M decode step read ~0.25 GB of weights in ~0.06 ms on an H
 took ~0.5 ms: ~190 kernels of a few microseconds each (cuBLAS GEMVs and their split-K
 reduces, LayerNorms, bias and GELU pointwise kernels, the attention's batched GEMVs, mask,
 softmax and concatenation). Per layer, the kernels here make it five (on the H200, 200 -> 80
-kernels and 566 -> 401 us per step at batch 1, bench/results/decode_variants_h200.json):
+kernels and 566 -> 401 us per step at batch 1, bench/results/decode_variants_h200.json; with
+the K/V stored by the qkv kernel, PDL and the engine's fused pick, 66 kernels and 195 us,
+decode_variants_triton_h200.json):
 
     linear:     y = [residual +] act(LN(x) @ W.T * scales + bias)   x (M, K), W (N, K), M <= 16
                 (LayerNorm on the way in, bias / GELU / residual on the way out; W bf16 or
-                int8 with per-row scales, read once, converted in registers)
+                int8 with per-row scales, read once, converted in registers). For the
+                attention's qkv it can also store the new keys and values into the cache.
     attention:  one new token per row against its cached keys and values plus itself, as one
-                online softmax (the cache is read, not written: see GPT.decode_step)
+                online softmax (cache positions below pos[b] only: the new ones come from qkv)
 
 Why int8 needs its own kernel too: in the compiled step (dynamic batch size) Inductor turned
 `F.linear(x, q.to(bf16)) * scales` into a kernel that writes the whole weight in bf16 and
 cuBLAS's GEMV that reads it back, more bytes than bf16 (bench/results/quantization_h100.json).
 
-Both are custom ops (`code_assistant::decode_linear`, `code_assistant::decode_attention`), so
-torch.compile keeps each as one opaque call in the compiled step and CUDA graphs capture them
-like any kernel. The linear's block sizes are autotuned per shape on first use, which the
-engine's warm-up runs before it captures a graph. Larger inputs (prefill, big batches) are
-compute-bound and stay on cuBLAS; `linear_module` falls back to the same math in torch ops.
+They are custom ops (`code_assistant::decode_linear`, `decode_qkv`, which declares that it
+writes the cache, and `decode_attention`), so torch.compile keeps each as one opaque call in
+the compiled step and CUDA graphs capture them like any kernel. The linear's block sizes are
+autotuned per shape on first use, which the engine's warm-up runs before it captures a graph.
+Larger inputs (prefill, big batches) are compute-bound and stay on cuBLAS; `linear_module`
+falls back to the same math in torch ops.
+
+Tried and dropped: fusing the attention with its projection, and the MLP's two matmuls, into
+one kernel each (split-K over heads / hidden units, partial rows summed with atomics). Each
+took twice the time of the two kernels it replaced (bench/results/decode_split_k_h200.json).
 
 Without Triton (the CPU build of torch) `available()` is False and callers use torch ops;
 the tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1),
-where the launchers below accept CPU tensors.
+where the launchers below accept CPU tensors, and compile them for sm_90 without a GPU.
 """
 from __future__ import annotations
 
@@ -49,14 +57,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # it still runs, reads its weights (which nothing writes) and only then waits for the earlier
 # kernel's outputs, so a step's launches overlap their start-up. DECODE_PDL: "auto" (default)
 # for one-row kernels on compute capability 9+, "1" for every kernel, "0" never. On an H200
-# it took a batch-1 step from 256 to 240 us but a batch-16 one from 423 to 437 us
-# (bench/results/decode_kernels_pdl_h200.json), hence one row only by default.
+# it took a batch-1 step from 257-280 to 244 us (bench/results/decode_kernels_h200.json,
+# step) but, on every kernel, a batch-16 one from 423 to 437 us (decode_kernels_pdl_h200.json).
 PDL = os.environ.get("DECODE_PDL", "auto")
 if PDL not in ("auto", "0", "1"):
     raise ValueError(f"DECODE_PDL must be auto, 0 or 1, got {PDL!r}")
-# one-row kernels: the fused attention + projection and MLP kernels below (one row each,
-# split-K over a workspace); more rows take the linear / attention kernels, layer by layer
-FUSED_ROWS = 1
 
 
 def available() -> bool:
@@ -87,12 +92,6 @@ if triton is not None:
     _SMALL_MM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                          for n, k, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4),
                                          (64, 128, 4), (64, 256, 8), (16, 512, 4), (32, 512, 8))]
-    # The fused MLP (one row): BLOCK_H hidden units per program, BLOCK_K of x per step of the
-    # first matmul, BLOCK_N outputs per step of the second (split-K, so more programs mean more
-    # atomic adds into each output: 3072 / BLOCK_H per output for GPT-2's MLP).
-    _MLP_CONFIGS = [triton.Config({"BLOCK_H": h, "BLOCK_K": k, "BLOCK_N": n}, num_warps=w)
-                    for h, k, n, w in ((16, 256, 128, 4), (16, 512, 128, 4), (32, 256, 64, 4), (32, 256, 128, 8),
-                                       (32, 512, 64, 8), (64, 256, 64, 8), (16, 1024, 128, 8), (64, 512, 32, 8))]
     _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "KV_OUT", "USE_PDL"]
 
     @triton.jit
@@ -139,9 +138,11 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _scale_bias_gelu(acc, s_ptr, b_ptr, offs_n, n_mask, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         GELU: tl.constexpr):
-        """acc (R, BLOCK_N) fp32 -> * scales, + bias, GELU (tanh), in fp32."""
+    def _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                  HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                  HAS_RESIDUAL: tl.constexpr):
+        """acc (R, BLOCK_N) fp32 -> scales, bias, GELU (tanh), residual -> y in y's dtype,
+        which it returns as stored."""
         y = acc
         if HAS_SCALES:
             y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -149,14 +150,6 @@ if triton is not None:
             y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if GELU:  # 0.5 y (1 + tanh(u)) = y sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3)
             y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
-        return y
-
-    @triton.jit
-    def _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
-                  HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                  HAS_RESIDUAL: tl.constexpr):
-        """acc (R, BLOCK_N) fp32 -> scales, bias, GELU, residual -> y in y's dtype; returns y as stored."""
-        y = _scale_bias_gelu(acc, s_ptr, b_ptr, offs_n, n_mask, HAS_SCALES, HAS_BIAS, GELU)
         mask = m_mask[:, None] & n_mask[None, :]
         offs = offs_m[:, None] * N + offs_n[None, :]
         if HAS_RESIDUAL:
@@ -233,140 +226,52 @@ if triton is not None:
             _store_kv(y, kv_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t)
 
     @triton.jit
-    def _attend(qkv_ptr, cache_ptr, pos_ptr, b, h, scale, stride_kv, stride_s, stride_h, stride_t, H,
-                D: tl.constexpr, BLOCK_T: tl.constexpr):
-        """Row b's query for head h against the row's first pos[b] cached keys/values (slot b)
-        and its own new key/value, in one pass (online softmax): the head's output (D,) fp32."""
-        C = H * D
-        offs_d = tl.arange(0, D)
-        row = qkv_ptr + b * 3 * C + h * D
-        q = tl.load(row + offs_d).to(tl.float32) * scale
-        v_own = tl.load(row + 2 * C + offs_d).to(tl.float32)
-        m = tl.sum(q * tl.load(row + C + offs_d).to(tl.float32), axis=0)  # running max: own score
-        denom = m * 0.0 + 1.0  # exp(own - m) = 1
-        acc = v_own
-        n = tl.load(pos_ptr + b)
-        keys = cache_ptr + b * stride_s + h * stride_h
-        for t0 in range(0, n, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            t_mask = offs_t < n
-            offs = offs_t[:, None] * stride_t + offs_d[None, :]
-            k = tl.load(keys + offs, mask=t_mask[:, None], other=0.0).to(tl.float32)
-            s = tl.where(t_mask, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new)
-            v = tl.load(keys + stride_kv + offs, mask=t_mask[:, None], other=0.0).to(tl.float32)
-            denom = denom * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m = m_new
-        return acc / denom
+    def _softmax_tile(k, v, t_mask, q, m, denom, acc):
+        """Online softmax: fold a tile of keys k and values v (BLOCK_T, D), positions t_mask,
+        into the running max m, denominator and weighted sum acc (D,) of query q."""
+        s = tl.where(t_mask, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new)
+        denom = denom * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        return m_new, denom, acc
 
     @triton.jit
     def _attention_kernel(qkv_ptr, cache_ptr, pos_ptr, y_ptr, scale,
                           stride_kv, stride_s, stride_h, stride_t, H,
                           D: tl.constexpr, BLOCK_T: tl.constexpr, USE_PDL: tl.constexpr):
-        """Program (b, h): head h of row b (see _attend) into y (B, C)."""
-        _wait_for_inputs(USE_PDL)
-        b, h = tl.program_id(0), tl.program_id(1)
-        o = _attend(qkv_ptr, cache_ptr, pos_ptr, b, h, scale, stride_kv, stride_s, stride_h, stride_t, H, D, BLOCK_T)
-        tl.store(y_ptr + b * H * D + h * D + tl.arange(0, D), o.to(y_ptr.dtype.element_ty))
-
-    # Split-K with the sum in a workspace. Two kernels below each own a slice of a matmul's K
-    # (a head of the attention projection, a slice of the MLP's hidden units): every program
-    # adds its partial output row (N,) into an fp32 row of the workspace with atomics, and the
-    # program that arrives last (a counter per row) reads the sum, finishes the row (scales,
-    # bias, residual) and puts the workspace back to zeros for the next kernel. So the matmul
-    # needs no kernel of its own and no reduce kernel. The atomics make the fp32 sum's order,
-    # and so its last bits, vary between runs on a GPU.
-    @triton.jit
-    def _add_partial(acc_ptr, part, offs_n, n_mask):
-        tl.atomic_add(acc_ptr + offs_n, part, mask=n_mask, sem="relaxed")
-
-    @triton.jit
-    def _finish_split_k(acc_ptr, count_ptr, programs, s_ptr, b_ptr, r_ptr, y_ptr, N,
-                        HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """After this program's _add_partial calls: count it in; the last of `programs` writes
-        y = residual + sum * scales + bias (one row of N) and zeroes the row and its counter."""
-        tl.debug_barrier()  # every thread's atomics issued before the counter's release
-        if tl.atomic_add(count_ptr, 1, sem="acq_rel") == programs - 1:
-            offs_m = tl.arange(0, 1)
-            for n0 in range(0, N, BLOCK_N):
-                offs_n = n0 + tl.arange(0, BLOCK_N)
-                n_mask = offs_n < N
-                total = tl.load(acc_ptr + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")  # from L2
-                tl.store(acc_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=n_mask)
-                _epilogue(total[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, offs_m < 1, offs_n, n_mask, N,
-                          HAS_SCALES, HAS_BIAS, False, True)
-            tl.store(count_ptr, 0)
-
-    @triton.jit
-    def _attention_proj_kernel(qkv_ptr, cache_ptr, pos_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, acc_ptr, count_ptr,
-                               scale, stride_kv, stride_s, stride_h, stride_t, H,
-                               HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
-                               D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Program (b, h): y[b] = x[b] + attention(...) @ W.T + bias, head h's share of the
-        projection being W[:, h*D:(h+1)*D] @ head h's output (split-K over heads)."""
+        """Program (b, h): row b's query for head h against the row's first pos[b] cached
+        keys/values (slot b) and its own new key/value, in one pass (online softmax)."""
         b, h = tl.program_id(0), tl.program_id(1)
         C = H * D
         offs_d = tl.arange(0, D)
-        offs_n = tl.arange(0, BLOCK_N)
-        w_cols = w_ptr + h * D + offs_d[None, :]
-        w = tl.load(w_cols + offs_n[:, None] * C, mask=(offs_n < C)[:, None], other=0)
-        _wait_for_inputs(USE_PDL)  # the first weight block is already in flight
-        o = _attend(qkv_ptr, cache_ptr, pos_ptr, b, h, scale, stride_kv, stride_s, stride_h, stride_t, H, D, BLOCK_T)
-        o = o.to(y_ptr.dtype.element_ty).to(tl.float32)[None, :]  # rounded as the unfused path's y
-        _add_partial(acc_ptr + b * C, tl.sum(w.to(tl.float32) * o, axis=1), offs_n, offs_n < C)
-        for n0 in range(BLOCK_N, C, BLOCK_N):
-            offs = n0 + offs_n
-            w = tl.load(w_cols + offs[:, None] * C, mask=(offs < C)[:, None], other=0)
-            _add_partial(acc_ptr + b * C, tl.sum(w.to(tl.float32) * o, axis=1), offs, offs < C)
-        _finish_split_k(acc_ptr + b * C, count_ptr + b, H, s_ptr, b_ptr, r_ptr + b * C, y_ptr + b * C, C,
-                        HAS_SCALES, HAS_BIAS, BLOCK_N)
-
-    @triton.jit
-    def _mlp_kernel(x_ptr, lnw_ptr, lnb_ptr, w1_ptr, s1_ptr, b1_ptr, w2_ptr, s2_ptr, b2_ptr, y_ptr, acc_ptr, count_ptr,
-                    K, HID, eps, HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
-                    USE_PDL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One row: y = x + gelu(LN(x) @ W1.T * s1 + b1) @ W2.T * s2 + b2, x (1, K), W1 (HID, K),
-        W2 (K, HID). Program p computes hidden units [p*BLOCK_H, (p+1)*BLOCK_H) whole (they need
-        all of x), then their share of the second matmul (split-K over the hidden units)."""
-        offs_m = tl.arange(0, 1)
-        m_mask = offs_m < 1
-        offs_h = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < HID
-        offs_k = tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = tl.load(w1_ptr + offs_h[:, None] * K + offs_k[None, :], mask=h_mask[:, None] & k_mask[None, :], other=0)
-        _wait_for_inputs(USE_PDL)  # the first weight block is already in flight
-        mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, True, BLOCK_K)
-        x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, True, HAS_LN_BIAS)
-        acc = w.to(tl.float32) * x
-        for k0 in range(BLOCK_K, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, True, HAS_LN_BIAS)
-            w = tl.load(w1_ptr + offs_h[:, None] * K + offs_k[None, :], mask=h_mask[:, None] & k_mask[None, :],
-                        other=0)
-            acc += w.to(tl.float32) * x
-        hidden = _scale_bias_gelu(tl.sum(acc, axis=1)[None, :], s1_ptr, b1_ptr, offs_h, h_mask, HAS_SCALES, HAS_BIAS,
-                                  True)
-        # rounded to the activations' dtype as the unfused path's hidden layer is
-        hidden = tl.where(h_mask[None, :], hidden.to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        for n0 in range(0, K, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < K
-            w2 = tl.load(w2_ptr + offs_n[:, None] * HID + offs_h[None, :], mask=n_mask[:, None] & h_mask[None, :],
-                         other=0)
-            _add_partial(acc_ptr, tl.sum(w2.to(tl.float32) * hidden, axis=1), offs_n, n_mask)
-        _finish_split_k(acc_ptr, count_ptr, tl.num_programs(0), s2_ptr, b2_ptr, x_ptr, y_ptr, K,
-                        HAS_SCALES, HAS_BIAS, BLOCK_N)
+        # The cached positions and pos were written by earlier steps, not by the kernel just
+        # before this one (the qkv matmul): with PDL the first tile is read before the wait.
+        n = tl.load(pos_ptr + b)
+        keys = cache_ptr + b * stride_s + h * stride_h
+        first = tl.arange(0, BLOCK_T)
+        first_offs = first[:, None] * stride_t + offs_d[None, :]
+        first_k = tl.load(keys + first_offs, mask=(first < n)[:, None], other=0.0)
+        first_v = tl.load(keys + stride_kv + first_offs, mask=(first < n)[:, None], other=0.0)
+        _wait_for_inputs(USE_PDL)
+        row = qkv_ptr + b * 3 * C + h * D
+        q = tl.load(row + offs_d).to(tl.float32) * scale
+        acc = tl.load(row + 2 * C + offs_d).to(tl.float32)  # own value, weight exp(own - m) = 1
+        m = tl.sum(q * tl.load(row + C + offs_d).to(tl.float32), axis=0)  # running max: own score
+        m, denom, acc = _softmax_tile(first_k, first_v, first < n, q, m, m * 0.0 + 1.0, acc)
+        for t0 in range(BLOCK_T, n, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            t_mask = offs_t < n
+            offs = offs_t[:, None] * stride_t + offs_d[None, :]
+            k = tl.load(keys + offs, mask=t_mask[:, None], other=0.0)
+            v = tl.load(keys + stride_kv + offs, mask=t_mask[:, None], other=0.0)
+            m, denom, acc = _softmax_tile(k, v, t_mask, q, m, denom, acc)
+        tl.store(y_ptr + b * C + h * D + offs_d, (acc / denom).to(y_ptr.dtype.element_ty))
 
     if not INTERPRET:
         _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY)(_gemv_kernel)
         _small_mm_kernel = triton.autotune(configs=_SMALL_MM_CONFIGS, key=_KEY)(_small_mm_kernel)
-        # each timed run of a config is a whole split-K sum: the workspace is zeros after it
-        _mlp_kernel = triton.autotune(configs=_MLP_CONFIGS, key=["K", "HID", "HAS_SCALES", "USE_PDL"])(_mlp_kernel)
 
 
 def attention_blocks(batch: int) -> tuple[int, int]:
@@ -383,11 +288,6 @@ def configs(rows: int) -> list[dict[str, int]]:
     return [dict(c.kwargs) for c in (_GEMV_CONFIGS if rows == 1 else _SMALL_MM_CONFIGS)]
 
 
-def mlp_configs() -> list[dict[str, int]]:
-    """The fused MLP kernel's block sizes the autotuner chooses from (the tests run each)."""
-    return [dict(c.kwargs) for c in _MLP_CONFIGS]
-
-
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
@@ -400,32 +300,12 @@ def _use_pdl(x: torch.Tensor, rows: int) -> bool:
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _CAPABILITY:
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return rows <= FUSED_ROWS and _CAPABILITY[index] >= (9, 0)
+    return rows == 1 and _CAPABILITY[index] >= (9, 0)
 
 
 def _launch_options(pdl: bool) -> dict:
     """Launch options every kernel takes (the interpreter knows none)."""
     return {} if INTERPRET else {"launch_pdl": pdl}
-
-
-_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K kernels' zeroed fp32 rows (FUSED_ROWS, >= width) and int32 counters on
-    `device`. One per device, shared by every kernel: each leaves it zeroed, and a step's
-    kernels run one after another on one stream (two streams running decode kernels on one
-    device at once would share it). It must exist before a CUDA graph is captured, as the
-    engine's warm-up step makes it: an allocation inside the capture would be the graph's."""
-    ws = _WORKSPACES.get(device)
-    if ws is None or ws[0].size(1) < width:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_kernels: run one decode step before capturing a CUDA graph "
-                               "(the split-K workspace is allocated on first use)")
-        ws = (torch.zeros((FUSED_ROWS, width), dtype=torch.float32, device=device),
-              torch.zeros(FUSED_ROWS, dtype=torch.int32, device=device))
-        _WORKSPACES[device] = ws
-    return ws
 
 
 def _need_triton() -> None:
@@ -514,67 +394,7 @@ def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Ten
     return y
 
 
-def attention_proj(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
-                   weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
-                   residual: torch.Tensor, block_t: int | None = None, block_n: int = 64) -> torch.Tensor:
-    """residual + attention(qkv, ...) @ weight.T * scales? + bias? in one kernel, for up to
-    FUSED_ROWS rows: each (row, head) program projects its head's output through that head's
-    columns of weight (C, C) and the partial rows are summed in the split-K workspace."""
-    _need_triton()
-    B, C3 = qkv.shape
-    C = C3 // 3
-    D = _check_cache(qkv, cache, n_head)
-    if B > FUSED_ROWS or weight.shape != (C, C) or (weight.dtype == torch.int8) != (scales is not None):
-        raise ValueError(f"attention_proj takes up to {FUSED_ROWS} rows and a ({C}, {C}) weight (int8 with scales), "
-                         f"got {B} rows and {tuple(weight.shape)} {weight.dtype}")
-    qkv, weight = qkv.contiguous(), weight.contiguous()
-    acc, counts = _workspace(qkv.device, C)
-    y = torch.empty((B, C), dtype=qkv.dtype, device=qkv.device)
-    layer_cache = cache[layer]
-    block_t = block_t or attention_blocks(B)[0]
-    pdl = _use_pdl(qkv, B)
-    _attention_proj_kernel[(B, n_head)](
-        qkv, layer_cache, pos, weight, scales if scales is not None else weight, bias if bias is not None else weight,
-        residual.contiguous(), y, acc, counts, D ** -0.5, *layer_cache.stride()[:4], n_head,
-        HAS_SCALES=scales is not None, HAS_BIAS=bias is not None, USE_PDL=pdl, D=D, BLOCK_T=block_t,
-        BLOCK_N=block_n, num_warps=4, **_launch_options(pdl))
-    return y
-
-
-def mlp(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, eps: float,
-        fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, fc_scales: torch.Tensor | None,
-        proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, proj_scales: torch.Tensor | None,
-        config: dict[str, int] | None = None) -> torch.Tensor:
-    """x + gelu(LN(x) @ fc_weight.T * fc_scales? + fc_bias) @ proj_weight.T * proj_scales? + proj_bias
-    for one row x (1, K), fc_weight (HID, K), proj_weight (K, HID), both int8 with scales or both
-    in x's dtype, biases both present or both absent: one kernel (split-K over the hidden units)."""
-    _need_triton()
-    M, K = x.shape
-    HID = fc_weight.shape[0]
-    int8 = fc_weight.dtype == torch.int8
-    if (M > FUSED_ROWS or fc_weight.shape != (HID, K) or proj_weight.shape != (K, HID)
-            or (proj_weight.dtype == torch.int8) != int8 or (fc_scales is not None) != int8
-            or (proj_scales is not None) != int8 or (fc_bias is None) != (proj_bias is None)):
-        raise ValueError(f"mlp takes {FUSED_ROWS} row and (HID, K), (K, HID) weights alike in dtype, scales and "
-                         f"bias; got x {tuple(x.shape)}, {tuple(fc_weight.shape)} {fc_weight.dtype}, "
-                         f"{tuple(proj_weight.shape)} {proj_weight.dtype}")
-    x = x.contiguous()
-    acc, counts = _workspace(x.device, K)
-    y = torch.empty_like(x)
-    any_ptr = fc_weight
-    args = [x, ln_weight, ln_bias if ln_bias is not None else any_ptr]
-    for t in (fc_weight.contiguous(), fc_scales, fc_bias, proj_weight.contiguous(), proj_scales, proj_bias):
-        args.append(t if t is not None else any_ptr)
-    blocks = (config or mlp_configs()[0]) if INTERPRET else {}
-    grid = lambda meta: (triton.cdiv(HID, meta["BLOCK_H"]),)  # noqa: E731
-    pdl = _use_pdl(x, M)
-    _mlp_kernel[grid](*args, y, acc, counts, K, HID, eps, HAS_SCALES=int8, HAS_BIAS=fc_bias is not None,
-                      HAS_LN_BIAS=ln_bias is not None, USE_PDL=pdl, **blocks, **_launch_options(pdl))
-    return y
-
-
-# The compiled step's view of these: opaque ops, their output shapes from the fakes. The
-# split-K ops declare no mutation: their workspace is zeros before and after each call.
+# The compiled step's view of these: opaque ops, their output shapes from the fakes.
 @torch.library.custom_op("code_assistant::decode_linear", mutates_args=())
 def linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
               ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, gelu: bool,
@@ -611,56 +431,27 @@ def _(qkv, cache, layer, pos, n_head) -> torch.Tensor:
     return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
 
 
-@torch.library.custom_op("code_assistant::decode_attention_proj", mutates_args=())
-def attention_proj_op(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
-                      weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
-                      residual: torch.Tensor) -> torch.Tensor:
-    return attention_proj(qkv, cache, layer, pos, n_head, weight, bias, scales, residual)
-
-
-@attention_proj_op.register_fake
-def _(qkv, cache, layer, pos, n_head, weight, bias, scales, residual) -> torch.Tensor:
-    return residual.new_empty(residual.shape)
-
-
-@torch.library.custom_op("code_assistant::decode_mlp", mutates_args=())
-def mlp_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor | None, eps: float,
-           fc_weight: torch.Tensor, fc_bias: torch.Tensor | None, fc_scales: torch.Tensor | None,
-           proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, proj_scales: torch.Tensor | None) -> torch.Tensor:
-    return mlp(x, ln_weight, ln_bias, eps, fc_weight, fc_bias, fc_scales, proj_weight, proj_bias, proj_scales)
-
-
-@mlp_op.register_fake
-def _(x, ln_weight, ln_bias, eps, fc_weight, fc_bias, fc_scales, proj_weight, proj_bias, proj_scales) -> torch.Tensor:
-    return x.new_empty(x.shape)
-
-
 def weights_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, scales) of an nn.Linear (scales None) or a WeightOnlyInt8Linear."""
     return (module.qweight, module.scales) if hasattr(module, "qweight") else (module.weight, None)
 
 
-def on_kernels(x: torch.Tensor, *modules: nn.Module) -> bool:
-    """Whether x (rows, width) goes through the kernels with these linear modules: up to
-    MAX_ROWS rows where `supports(x)`, no int8 module with its `triton` flag off, and no float
-    matmul wider than WIDE_N at 2-16 rows (the lm_head: cuBLAS's tensor-core tiles measured
-    faster there, 16 rows x 50k: 26.7 against 34.5 us on an H200,
-    bench/results/decode_kernels_h200.json)."""
-    if x.shape[0] > MAX_ROWS or not supports(x):
+def on_kernels(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether x (rows, width) times a linear module runs on the kernel: up to MAX_ROWS rows
+    where `supports(x)`, not an int8 module with its `triton` flag off, and not a float matmul
+    wider than WIDE_N at 2-16 rows (the lm_head: cuBLAS's tensor-core tiles measured faster
+    there, 16 rows x 50k: 26.7 against 34.5 us on an H200, bench/results/decode_kernels_h200.json)."""
+    if x.shape[0] > MAX_ROWS or not supports(x) or not getattr(module, "triton", True):
         return False
-    for m in modules:
-        int8 = hasattr(m, "qweight")
-        if not getattr(m, "triton", True) or (not int8 and x.shape[0] > 1 and m.weight.shape[0] > WIDE_N):
-            return False
-    return True
+    return hasattr(module, "qweight") or x.shape[0] == 1 or module.weight.shape[0] <= WIDE_N
 
 
-def fuses_layer(x: torch.Tensor, attn_proj: nn.Module, fc: nn.Module, proj: nn.Module) -> bool:
-    """Whether a block's attention projection and MLP run as the two split-K kernels: up to
-    FUSED_ROWS rows on the kernels, the MLP's two matmuls alike (both int8 or both not, both
-    with bias or both without)."""
-    return (x.shape[0] <= FUSED_ROWS and on_kernels(x, attn_proj, fc, proj)
-            and hasattr(fc, "qweight") == hasattr(proj, "qweight") and (fc.bias is None) == (proj.bias is None))
+def qkv_module(x: torch.Tensor, module: nn.Module, ln: nn.LayerNorm, cache: torch.Tensor, layer: int,
+               pos: torch.Tensor, n_head: int) -> torch.Tensor:
+    """module(ln(x)) for the attention's qkv matmul where `on_kernels(x, module)`, its key and
+    value columns also stored into cache[layer] at (row b, pos[b]) by the same kernel."""
+    weight, scales = weights_of(module)
+    return qkv_op(x, weight, module.bias, scales, ln.weight, ln.bias, ln.eps, cache, layer, pos, n_head)
 
 
 def linear_module(x: torch.Tensor, module: nn.Module, *, ln: nn.LayerNorm | None = None, gelu: bool = False,

@@ -147,32 +147,18 @@ class Block(nn.Module):
 
     def decode_fused(self, x: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor,
                      write_kv: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`decode` on decode_kernels.py (LayerNorm inside the matmul that follows it, bias /
-        GELU / residual inside the one before). cache is the whole (n_layer, 2, S, H, Lmax, D)
-        cache. One row: three kernels (LN + qkv; attention + projection + residual; the whole
-        MLP). 2-16 rows: five (LN + qkv, attention, projection, LN + fc + GELU, projection);
-        more: cuBLAS matmuls around the attention kernel. write_kv: the qkv kernel also writes
-        the new key/value into the cache at (row b, pos[b]) and None comes back for them
-        (more than 16 rows: the caller writes the returned ones)."""
+        """`decode` on decode_kernels.py: five kernels for up to 16 rows (LayerNorm inside the
+        matmul that follows it, bias / GELU / residual inside the one before), the attention
+        one kernel at any batch. cache is the whole (n_layer, 2, S, H, Lmax, D) cache.
+        write_kv: the qkv kernel also stores the new key/value into the cache at (row b,
+        pos[b]) and None comes back for them (above 16 rows, on cuBLAS, they come back as usual)."""
         attn, mlp = self.attn, self.mlp
         B, C = x.shape
         if write_kv and decode_kernels.on_kernels(x, attn.c_attn):
-            weight, scales = decode_kernels.weights_of(attn.c_attn)
-            qkv = decode_kernels.qkv_op(x, weight, attn.c_attn.bias, scales, self.ln_1.weight, self.ln_1.bias,
-                                        self.ln_1.eps, cache, layer, pos, attn.n_head)
-            kv = None
+            qkv, kv = decode_kernels.qkv_module(x, attn.c_attn, self.ln_1, cache, layer, pos, attn.n_head), None
         else:
             qkv = decode_kernels.linear_module(x, attn.c_attn, ln=self.ln_1)  # (B, 3C)
             kv = qkv.view(B, 3, attn.n_head, C // attn.n_head)[:, 1:].transpose(0, 1)  # (2, B, H, D)
-        if decode_kernels.fuses_layer(x, attn.c_proj, mlp.c_fc, mlp.c_proj):
-            weight, scales = decode_kernels.weights_of(attn.c_proj)
-            x = decode_kernels.attention_proj_op(qkv, cache, layer, pos, attn.n_head, weight, attn.c_proj.bias,
-                                                 scales, x)
-            fc, fc_scales = decode_kernels.weights_of(mlp.c_fc)
-            proj, proj_scales = decode_kernels.weights_of(mlp.c_proj)
-            x = decode_kernels.mlp_op(x, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, fc, mlp.c_fc.bias,
-                                      fc_scales, proj, mlp.c_proj.bias, proj_scales)
-            return x, kv
         y = decode_kernels.attention_op(qkv, cache, layer, pos, attn.n_head)  # (B, C)
         x = decode_kernels.linear_module(y, attn.c_proj, residual=x)
         h = decode_kernels.linear_module(x, mlp.c_fc, ln=self.ln_2, gelu=True)

@@ -11,11 +11,9 @@ replays it, so a call's time includes the in-graph launch gap but not the host:
   real step (the same weight 20 times over would sit in the H200's 50 MB L2);
 - attention: every (block_t, num_warps) candidate at batch 1, 16, 128 and 256 with each row
   100 positions in (and 1,000 at batch 1);
-- fused: at one row, the split-K kernels (attention + projection, the whole MLP) against the
-  two kernels each replaces;
 - step: a whole decode step (GPT.decode_step, eager, 10 steps per graph) at batch 1 and 16:
-  the layer as five kernels returning the K/V, as the split-K kernels storing the K/V, and
-  that with programmatic dependent launch (STEP_VARIANTS), side by side.
+  the new K/V returned or stored by the qkv kernel, and stored with programmatic dependent
+  launch (STEP_VARIANTS), side by side.
 """
 from __future__ import annotations
 
@@ -96,38 +94,9 @@ def attention_rows() -> list[dict]:
     return out
 
 
-def fused_rows() -> list[dict]:
-    """One row: the split-K kernels (attention + projection + residual; the whole MLP) against
-    the two kernels each replaces, weights from HBM (one copy per call)."""
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    calls = 20
-    cache = torch.randn(1, 2, 1, H, 1024, D, **bf)
-    qkv, x = torch.randn(1, 3 * C, **bf), torch.randn(1, C, **bf)
-    g, b = torch.randn(C, **bf), torch.randn(C, **bf)
-    proj = [(torch.randn(C, C, **bf) / 30, torch.randn(C, **bf)) for _ in range(calls)]
-    mlps = [(torch.randn(4 * C, C, **bf) / 30, torch.randn(4 * C, **bf), torch.randn(C, 4 * C, **bf) / 60,
-             torch.randn(C, **bf)) for _ in range(calls)]
-    out = []
-    for n in (100, 1000):
-        pos = torch.full((1,), n, device="cuda")
-        out.append({"name": "attention+c_proj+residual", "positions": n,
-                    "two_kernels_us": graph_us(lambda i: decode_kernels.linear(
-                        decode_kernels.attention(qkv, cache, 0, pos, H), proj[i][0], proj[i][1], residual=x)),
-                    "split_k_us": graph_us(lambda i: decode_kernels.attention_proj(
-                        qkv, cache, 0, pos, H, proj[i][0], proj[i][1], None, x))})
-    out.append({"name": "mlp (ln_2+c_fc+gelu, c_proj+residual)",
-                "two_kernels_us": graph_us(lambda i: decode_kernels.linear(
-                    decode_kernels.linear(x, mlps[i][0], mlps[i][1], ln_weight=g, ln_bias=b, gelu=True),
-                    mlps[i][2], mlps[i][3], residual=x)),
-                "split_k_us": graph_us(lambda i: decode_kernels.mlp(x, g, b, 1e-5, mlps[i][0], mlps[i][1], None,
-                                                                    mlps[i][2], mlps[i][3], None))})
-    return out
-
-
-# (name, FUSED_ROWS, DECODE_PDL, write_kv): the layer as five kernels and the stacked K/V
-# returned (the previous step), then the split-K layer with the K/V stored by the qkv
-# kernel, without and with programmatic dependent launch
-STEP_VARIANTS = [("five_kernels", 0, "0", False), ("split_k", 1, "0", True), ("split_k_pdl", 1, "auto", True)]
+# (name, DECODE_PDL, write_kv): the new K/V returned stacked (as before) or stored by the qkv
+# kernel (the engine's way), without and with programmatic dependent launch for one row
+STEP_VARIANTS = [("kv_returned", "0", False), ("kv_stored", "0", True), ("kv_stored_pdl", "auto", True)]
 
 
 def step_rows() -> list[dict]:
@@ -138,13 +107,13 @@ def step_rows() -> list[dict]:
         tokens = torch.randint(0, V, (B,), device="cuda")
         pos = torch.full((B,), 100, device="cuda")
         row = {"batch": B, "positions": 100}
-        for name, fused_rows, pdl, write_kv in STEP_VARIANTS * 2:  # twice, interleaved: drift shows as a spread
-            decode_kernels.FUSED_ROWS, decode_kernels.PDL = fused_rows, pdl
+        for name, pdl, write_kv in STEP_VARIANTS * 2:  # twice, interleaved: drift shows as a spread
+            decode_kernels.PDL = pdl
             with torch.no_grad():
                 us = graph_us(lambda i: model.decode_step(tokens, pos, cache, 128, write_kv=write_kv), calls=10)
             row.setdefault(f"{name}_us_per_step", []).append(us)
         out.append(row)
-    decode_kernels.FUSED_ROWS, decode_kernels.PDL = 1, "auto"
+    decode_kernels.PDL = "auto"
     return out
 
 
@@ -156,7 +125,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(),
               "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "command": "python " + " ".join(sys.argv), "torch": torch.__version__,
-              "step": step_rows(), "fused": fused_rows(), "linear": linear_rows(1) + linear_rows(16),
+              "step": step_rows(), "linear": linear_rows(1) + linear_rows(16),
               "attention": attention_rows()}
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -406,3 +406,18 @@ def test_a_failing_on_token_callback_cancels_only_its_request(model):
     assert bad.finish_reason == "cancelled" and len(bad.tokens) < 8
     assert [r.finish_reason for r in good] == ["length"] * 2 and all(len(r.tokens) == 8 for r in good)
     assert engine.num_running == 0 and sorted(engine._free) == [0, 1, 2]
+
+
+def test_greedy_pick_is_argmax_with_its_ties() -> None:
+    """The two-stage pick equals argmax, first index on ties, at vocabularies that split into
+    64 pieces evenly or not, in float32 and bf16 (where ties are common)."""
+    from engine import greedy_pick
+    torch.manual_seed(0)
+    for V in (5, 64, 100, 50257, 50304):
+        for dtype in (torch.float32, torch.bfloat16):
+            logits = torch.randn(6, V).to(dtype)
+            logits[1] = 0.0  # all tied: index 0
+            logits[2, V // 2:] = logits[2].max() + 1  # a tie between many: the first of them
+            logits[3, -1] = float("inf")  # the very last column
+            logits[4] = logits[4].round()  # many small ties
+            assert torch.equal(greedy_pick(logits), logits.argmax(dim=-1)), (V, dtype)

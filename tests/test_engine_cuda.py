@@ -84,7 +84,6 @@ def test_bf16_decode_kernels_match_torch_ops(model):
     """decode_kernels.py in bf16 on the GPU (the interpreter tests can't run bf16 tl.dot): the
     fused decode step, eager and compiled with a dynamic batch, against the torch-ops step, at
     batches on the kernels' GEMV (1), tl.dot (5, 16) and cuBLAS-plus-attention-kernel (40) paths."""
-    import decode_kernels
     import model as model_module
     cfg = model.config
     m = GPT(cfg).cuda().to(torch.bfloat16).eval()
@@ -114,7 +113,5 @@ def test_bf16_decode_kernels_match_torch_ops(model):
                     untouched = torch.ones_like(cache, dtype=torch.bool)
                     untouched[:, :, rows, :, pos] = False
                     assert torch.equal(written[untouched], cache[untouched])  # nothing else written
-        acc, counts = decode_kernels._WORKSPACES[torch.device("cuda", 0)]
-        assert not acc.any() and not counts.any()  # the split-K kernels left it zeroed
     finally:
         model_module.DECODE_KERNELS = "triton"
