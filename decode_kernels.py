@@ -277,7 +277,7 @@ if triton is not None:
 def attention_blocks(batch: int) -> tuple[int, int]:
     """The attention kernel's (cached positions per iteration, warps) for `batch` rows. Measured
     on an H200 at 100 positions (bench/results/decode_kernels_h200.json): with few programs
-    (B x 12 heads) long tiles keep more bytes in flight (batch 1: 3.4 us against 4.5 us at 64
+    (B x 12 heads) long tiles keep more bytes in flight (batch 1: 3.0 us against 4.0 us at 64
     positions x 4 warps); with thousands of programs small ones keep the SMs busy (batch 256:
     29 us at 64 x 2 against 31-51 us for the others)."""
     return (128, 4) if batch <= 16 else (64, 2)
@@ -440,7 +440,7 @@ def on_kernels(x: torch.Tensor, module: nn.Module) -> bool:
     """Whether x (rows, width) times a linear module runs on the kernel: up to MAX_ROWS rows
     where `supports(x)`, not an int8 module with its `triton` flag off, and not a float matmul
     wider than WIDE_N at 2-16 rows (the lm_head: cuBLAS's tensor-core tiles measured faster
-    there, 16 rows x 50k: 26.7 against 34.5 us on an H200, bench/results/decode_kernels_h200.json)."""
+    there, 16 rows x 50k: 26.9 against 35.1 us on an H200, bench/results/decode_kernels_h200.json)."""
     if x.shape[0] > MAX_ROWS or not supports(x) or not getattr(module, "triton", True):
         return False
     return hasattr(module, "qweight") or x.shape[0] == 1 or module.weight.shape[0] <= WIDE_N
