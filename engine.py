@@ -12,9 +12,9 @@ A continuous-batching generator of token ids over a KV cache allocated once:
   torch.compile (with the greedy pick, `greedy_pick`), captured as CUDA graphs, one per
   (batch bucket, length bucket, steps), and runs one launch ahead of the host: launch t+1
   is queued before the tokens of launch t are read back, so host bookkeeping overlaps GPU
-  work. A greedy launch may run several decode steps in one
-  graph (`decode_steps`, opt-in) while nobody waits for a slot: one launch and one read-back
-  per k tokens instead of per token. On CPU the same code runs eagerly.
+  work. A greedy launch may run several decode steps in one graph (`decode_steps`, opt-in)
+  while nobody waits for a slot: one launch and one read-back per k tokens instead of per
+  token. On CPU the same code runs eagerly.
 - On CUDA the prefill replays CUDA graphs too (the eager model captured per rows x chunk x
   attended-length bucket), and its first tokens are read back after the next decode launch.
   `prefill_wait_steps` lets prompts gather while rows decode to share one prefill (0 here;
