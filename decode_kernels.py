@@ -313,17 +313,23 @@ def _need_triton() -> None:
         raise RuntimeError("decode_kernels needs Triton (pip install triton); callers check available() first")
 
 
+def _head_size(width: int, cache: torch.Tensor, n_head: int) -> int:
+    """The head size D of a qkv `width` (3C) wide, after checking that the cache is laid out
+    (n_layer, 2, S, n_head, L, D) with D contiguous, as the kernels index it."""
+    D = width // 3 // n_head
+    if cache.size(3) != n_head or cache.size(5) != D or cache.stride(5) != 1:
+        raise ValueError(f"the decode kernels need a (n_layer, 2, S, {n_head}, L, {D}) cache, got {tuple(cache.shape)}")
+    return D
+
+
 def _cache_args(cache: torch.Tensor | None, layer: int, pos: torch.Tensor | None, n_head: int, width: int) -> list:
     """(kv_ptr, pos_ptr, C, D, strides of the layer's cache) for a kernel's K/V store, or
     placeholders when there is no cache to write."""
     if cache is None:
         return [None, None, 1, 1, 0, 0, 0, 0]
-    C = width // 3
-    D = C // n_head
-    if cache.size(3) != n_head or cache.size(5) != D or cache.stride(5) != 1:
-        raise ValueError(f"the K/V store needs a (n_layer, 2, S, {n_head}, L, {D}) cache, got {tuple(cache.shape)}")
+    D = _head_size(width, cache, n_head)
     layer_cache = cache[layer]
-    return [layer_cache, pos, C, D, *layer_cache.stride()[:4]]
+    return [layer_cache, pos, width // 3, D, *layer_cache.stride()[:4]]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -365,15 +371,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
-def _check_cache(qkv: torch.Tensor, cache: torch.Tensor, n_head: int) -> int:
-    """The head size D, after checking the cache is (n_layer, 2, S, n_head, L, D), D a power of two."""
-    D = qkv.shape[1] // 3 // n_head
-    if cache.size(3) != n_head or cache.size(5) != D or D & (D - 1) or cache.stride(5) != 1:
-        raise ValueError(f"attention needs a (n_layer, 2, S, {n_head}, L, D) cache with D a power of two, "
-                         f"got {tuple(cache.shape)}")
-    return D
-
-
 def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
               block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Decode attention: qkv (B, 3C) this step's q, k, v per row; cache (n_layer, 2, S, H, Lmax,
@@ -381,7 +378,9 @@ def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Ten
     heads side by side. Reads cache positions below pos[b] only: the step's own k, v come from qkv."""
     _need_triton()
     B, C3 = qkv.shape
-    D = _check_cache(qkv, cache, n_head)
+    D = _head_size(C3, cache, n_head)
+    if D & (D - 1):
+        raise ValueError(f"the attention kernel needs a power-of-two head size, got {D}")
     qkv = qkv.contiguous()
     default_t, default_warps = attention_blocks(B)
     block_t, num_warps = block_t or default_t, num_warps or default_warps

@@ -132,13 +132,13 @@ class WeightOnlyInt8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if self.triton and rows <= decode_kernels.MAX_ROWS and decode_kernels.supports(x):
+        x2d = x.reshape(rows, self.in_features)  # a view: activations are contiguous
+        if decode_kernels.on_kernels(x2d, self):
             # Decode-sized inputs: one Triton kernel reads the int8 rows and scales in registers
             # (decode_kernels.py says why Inductor's own code for the formula below was slower than
             # bf16). Under torch.compile `rows <= 16` is a guard on the batch size: batches
             # past 16 get their own compiled graph, which takes the plain path.
-            y = decode_kernels.linear_op(x.reshape(rows, self.in_features), self.qweight, self.bias, self.scales,
-                                         None, None, 1e-5, False, None)
+            y = decode_kernels.linear_op(x2d, self.qweight, self.bias, self.scales, None, None, 1e-5, False, None)
             return y.view(*x.shape[:-1], self.out_features)
         # Everything else (CPU, prefill, large batches): the plain formula. Eager prefill is
         # captured as CUDA graphs; a separately compiled int8_linear called eagerly there cost
