@@ -62,6 +62,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PDL = os.environ.get("DECODE_PDL", "auto")
 if PDL not in ("auto", "0", "1"):
     raise ValueError(f"DECODE_PDL must be auto, 0 or 1, got {PDL!r}")
+# How the one-row kernel turns int8 weights into fp32 in registers. "bits" (default): through
+# their bit pattern, with full-rate integer and float ops (_weight_fp32); "cvt": the
+# int-to-float conversion instruction, which Hopper runs at a quarter of the FMA rate.
+INT8_CONVERT = os.environ.get("DECODE_INT8_CONVERT", "bits")
+if INT8_CONVERT not in ("bits", "cvt"):
+    raise ValueError(f"DECODE_INT8_CONVERT must be bits or cvt, got {INT8_CONVERT!r}")
 
 
 def available() -> bool:
@@ -93,6 +99,18 @@ if triton is not None:
                          for n, k, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4),
                                          (64, 128, 4), (64, 256, 8), (16, 512, 4), (32, 512, 8))]
     _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "KV_OUT", "USE_PDL"]
+
+    @triton.jit
+    def _weight_fp32(w, INT8_BITS: tl.constexpr):
+        """A weight tile in fp32. An int8 w with INT8_BITS goes through its bits: w + 128 as
+        the low byte of the float 2^23 is exactly the float 2^23 + w + 128, so an xor, an or
+        and a subtraction replace the int-to-float conversion (quarter rate on Hopper). The
+        tl.dot kernel needs none of this: Triton converts int8 to bf16 without it."""
+        if INT8_BITS:
+            bits = (w.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000
+            return bits.to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            return w.to(tl.float32)
 
     @triton.jit
     def _row_stats(x_ptr, offs_m, m_mask, K, eps, HAS_LN: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -138,32 +156,51 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+    def _epilogue_inputs(s_ptr, b_ptr, r_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                         HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                         KV_OUT: tl.constexpr):
+        """What the epilogue adds to the product, loaded before the product is made (with PDL,
+        before the wait: none of it is written by the kernel just before): the scales and bias
+        (N,), the residual (R, N) and the rows' cache positions (R,), in fp32 (positions int).
+        Loaded after the main loop instead, they cost one more memory round trip per kernel."""
+        scale = tl.full(offs_n.shape, 1.0, tl.float32)
+        bias = tl.zeros(offs_n.shape, tl.float32)
+        residual = tl.zeros((offs_m.shape[0], offs_n.shape[0]), tl.float32)
+        pos = tl.zeros(offs_m.shape, tl.int64)
+        if HAS_SCALES:
+            scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            residual = tl.load(r_ptr + offs_m[:, None] * N + offs_n[None, :],
+                               mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        if KV_OUT:
+            pos = tl.load(pos_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        return scale, bias, residual, pos
+
+    @triton.jit
+    def _epilogue(acc, scale, bias, residual, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
                   HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                   HAS_RESIDUAL: tl.constexpr):
-        """acc (R, BLOCK_N) fp32 -> scales, bias, GELU (tanh), residual -> y in y's dtype,
-        which it returns as stored."""
+        """acc (R, BLOCK_N) fp32 -> scales, bias, GELU (tanh), residual (from _epilogue_inputs)
+        -> y in y's dtype, which it returns as stored."""
         y = acc
         if HAS_SCALES:
-            y = y * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            y = y * scale[None, :]
         if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            y += bias[None, :]
         if GELU:  # 0.5 y (1 + tanh(u)) = y sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3)
             y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
-        mask = m_mask[:, None] & n_mask[None, :]
-        offs = offs_m[:, None] * N + offs_n[None, :]
         if HAS_RESIDUAL:
-            y += tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            y += residual
         y = y.to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + offs, y, mask=mask)
+        tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
         return y
 
     @triton.jit
-    def _store_kv(y, kv_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h,
-                  stride_t):
+    def _store_kv(y, kv_ptr, pos, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t):
         """The key and value columns [C, 3C) of a qkv tile y (R, BLOCK_N) into the layer's cache
         (2, S, H, L, D): row m's at slot m, position pos[m]."""
-        pos = tl.load(pos_ptr + offs_m, mask=m_mask, other=0)
         kv = offs_n // C - 1  # 0 key, 1 value (-1: a query column, not stored)
         col = offs_n % C
         offs_col = kv * stride_kv + (col // D) * stride_h + col % D
@@ -175,7 +212,8 @@ if triton is not None:
                      kv_ptr, pos_ptr, C, D, stride_kv, stride_s, stride_h, stride_t, KV_OUT: tl.constexpr,
                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
                      HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     USE_PDL: tl.constexpr, INT8_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
         offs_m = tl.arange(0, 1)
         m_mask = offs_m < 1
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,22 +221,24 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
-        _wait_for_inputs(USE_PDL)  # the first weight block is already in flight
+        scale, bias, residual, pos = _epilogue_inputs(s_ptr, b_ptr, r_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                                                      HAS_SCALES, HAS_BIAS, HAS_RESIDUAL, KV_OUT)
+        _wait_for_inputs(USE_PDL)  # the first weight block and the epilogue's inputs are in flight
         mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, HAS_LN, BLOCK_K)
         # products summed elementwise, reduced over K once at the end (as in _row_stats)
         x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
-        acc = w.to(tl.float32) * x  # x (1, BLOCK_K) broadcasts over N
+        acc = _weight_fp32(w, INT8_BITS) * x  # x (1, BLOCK_K) broadcasts over N
         for k0 in range(BLOCK_K, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
             x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
             w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
                         mask=n_mask[:, None] & k_mask[None, :], other=0)
-            acc += w.to(tl.float32) * x
-        y = _epilogue(tl.sum(acc, axis=1)[None, :], s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+            acc += _weight_fp32(w, INT8_BITS) * x
+        y = _epilogue(tl.sum(acc, axis=1)[None, :], scale, bias, residual, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
                       HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
         if KV_OUT:
-            _store_kv(y, kv_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t)
+            _store_kv(y, kv_ptr, pos, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t)
 
     @triton.jit
     def _small_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, M, N, K, eps,
@@ -209,7 +249,9 @@ if triton is not None:
         offs_m = tl.arange(0, 16)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask, n_mask = offs_m < M, offs_n < N
-        _wait_for_inputs(USE_PDL)  # nothing to prefetch across tl.dot's pipelined loop
+        scale, bias, residual, pos = _epilogue_inputs(s_ptr, b_ptr, r_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, N,
+                                                      HAS_SCALES, HAS_BIAS, HAS_RESIDUAL, KV_OUT)
+        _wait_for_inputs(USE_PDL)  # weights: nothing to prefetch across tl.dot's pipelined loop
         mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, HAS_LN, BLOCK_K)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -220,10 +262,10 @@ if triton is not None:
             w = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None],  # (BLOCK_K, BLOCK_N): W.T
                         mask=k_mask[:, None] & n_mask[None, :], other=0)
             acc += tl.dot(x, w.to(x.dtype))
-        y = _epilogue(acc, s_ptr, b_ptr, r_ptr, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
+        y = _epilogue(acc, scale, bias, residual, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
                       HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
         if KV_OUT:
-            _store_kv(y, kv_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t)
+            _store_kv(y, kv_ptr, pos, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t)
 
     @triton.jit
     def _softmax_tile(k, v, t_mask, q, m, denom, acc):
@@ -270,7 +312,7 @@ if triton is not None:
         tl.store(y_ptr + b * C + h * D + offs_d, (acc / denom).to(y_ptr.dtype.element_ty))
 
     if not INTERPRET:
-        _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY)(_gemv_kernel)
+        _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY + ["INT8_BITS"])(_gemv_kernel)
         _small_mm_kernel = triton.autotune(configs=_SMALL_MM_CONFIGS, key=_KEY)(_small_mm_kernel)
 
 
@@ -342,7 +384,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     LayerNorm (ln_weight, ln_bias, eps) is over K. With kv_cache (n_layer, 2, S, n_head, L, D)
     the output is a qkv (N = 3C) and its key and value columns are also written into
     kv_cache[layer] at (slot m, position pos[m]) for every row m. `config` (block sizes) only
-    under the interpreter; on a GPU the autotuner picks them."""
+    under the interpreter; on a GPU the autotuner picks them. With PDL the kernel reads its
+    weights, scales, bias, residual and pos before it waits for the kernel launched just
+    before it: only x may come from that kernel (the decode step's residuals are two or more
+    kernels back)."""
     _need_triton()
     M, K = x.shape
     N = weight.shape[0]
@@ -365,7 +410,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     pdl = _use_pdl(x, M)
     if M == 1:
-        _gemv_kernel[grid](*args, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
+        bits = scales is not None and INT8_CONVERT == "bits"
+        _gemv_kernel[grid](*args, N, K, eps, *kv, **flags, USE_PDL=pdl, INT8_BITS=bits, **blocks,
+                           **_launch_options(pdl))
     else:
         _small_mm_kernel[grid](*args, M, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
     return y

@@ -11,7 +11,9 @@ For each it measures, side by side in one process:
 - graph_gpu_us_per_step: one captured step replayed back to back, GPU time per step (the floor
   the host can't beat), at batch 1, 16 and the big batch (256), and kernels_per_step there;
 - graph_launch_us: host time of one replay() call (the CUDA graph launch itself);
-- engine_b1_p50_ms: Engine.generate of one request, 50 tokens (prefill included);
+- engine_b1_p50_ms: Engine.generate of one request, 50 tokens (prefill included), and
+  engine_b1_first_token_p50_ms the same for 1 token (the prefill's), so
+  engine_b1_us_per_decode_step is what each of the 49 others took;
 - engine_b16/b256_tokens_per_s: 16 or 256 requests at once.
 The gap between engine_b1 and 50 x graph_gpu_us is host work the GPU waits for.
 """
@@ -98,6 +100,11 @@ def measure_variant(model: GPT, prompt: list[int], big: list[list[int]], attenti
            "compile_and_capture_s": round(time.perf_counter() - t0, 1)}
     b1 = timed_ms(lambda: engine.generate(prompt, params), args.runs)
     row["engine_b1_p50_ms"] = round(statistics.median(b1), 2)
+    # the first token alone (the prefill's): the rest of engine_b1 is 49 decode steps
+    first = timed_ms(lambda: engine.generate(prompt, SamplingParams(max_tokens=1)), args.runs)
+    row["engine_b1_first_token_p50_ms"] = round(statistics.median(first), 2)
+    row["engine_b1_us_per_decode_step"] = round((row["engine_b1_p50_ms"] - row["engine_b1_first_token_p50_ms"])
+                                                / 49 * 1000, 1)
     for n in (16, args.big_batch):
         bb = timed_ms(lambda: engine.generate_batch(big[:n], params), 3)
         row[f"engine_b{n}_ms"] = round(statistics.median(bb), 2)

@@ -60,6 +60,13 @@ def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
                 want = F.layer_norm(x.float(), (k,), g) @ w.T
                 assert ((y.float() - want).abs().max() / want.abs().max()).item() < tol
                 cases += 1
+        # every int8 value, -128 included, through the one-row kernel's bits and through its
+        # conversion instruction (DECODE_INT8_CONVERT=cvt)
+        every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).view(4, 64)
+        x, ones = torch.randn(1, 64), torch.ones(4)
+        for convert in ("bits", "cvt"):
+            dk.INT8_CONVERT = convert
+            assert torch.allclose(dk.linear(x, every, scales=ones), x @ every.float().T, atol=1e-4), convert
         # the custom ops inside a compiled function with a dynamic row count (the engine's case)
         q, s = quantize_int8_per_channel(torch.randn(24, 48))
         f = torch.compile(lambda x, r: dk.linear_op(x, q, None, s, None, None, 1e-5, False, r) + 1,
@@ -210,6 +217,7 @@ def test_kernels_compile_for_hopper() -> None:
     epilogues and the PDL wait the model uses."""
     out = run_interpreted("""
         import os
+        import re
         os.environ.pop("TRITON_INTERPRET")  # compiling, not interpreting (read at triton import)
         import triton
         from triton.backends.compiler import GPUTarget
@@ -230,12 +238,18 @@ def test_kernels_compile_for_hopper() -> None:
             return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
         flags = dict(HAS_BIAS=True, HAS_LN=True, HAS_LN_BIAS=True, GELU=True, HAS_RESIDUAL=True, USE_PDL=True)
-        built = []
-        for pointers, scales in (({"pos_ptr": "*i64"}, False), ({"pos_ptr": "*i64", "w_ptr": "*i8"}, True)):
-            for kernel, configs in ((dk._gemv_kernel, dk._GEMV_CONFIGS), (dk._small_mm_kernel, dk._SMALL_MM_CONFIGS)):
-                built.append(build(kernel, pointers, KV_OUT=True, HAS_SCALES=scales, **flags, **configs[0].kwargs))
+        built, int_to_float = [], {}
+        floats, ints = {"pos_ptr": "*i64"}, {"pos_ptr": "*i64", "w_ptr": "*i8"}
+        for pointers, scales, bits in ((floats, False, False), (ints, True, True), (ints, True, False)):
+            gemv = build(dk._gemv_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, INT8_BITS=bits, **flags,
+                         **dk._GEMV_CONFIGS[0].kwargs)
+            # the weights' int-to-float conversions in PTX (cvt.rn.f32.s16 after cvt.s16.s8)
+            int_to_float[bits] = len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", gemv.asm["ptx"]))
+            built += [gemv, build(dk._small_mm_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, **flags,
+                                  **dk._SMALL_MM_CONFIGS[0].kwargs)]
         built.append(build(dk._attention_kernel, {"pos_ptr": "*i64"}, D=64, BLOCK_T=128, USE_PDL=True))
         assert all(k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"] for k in built)
+        assert int_to_float[True] == 0 < int_to_float[False], int_to_float  # INT8_BITS removes them
         print("built", len(built))
     """)
-    assert "built 5" in out
+    assert "built 7" in out
