@@ -54,7 +54,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None = None,
-                input_pos: torch.Tensor | None = None,
+                cache_pos: torch.Tensor | None = None,
                 cache_rows: torch.Tensor | None = None, kv_len: int | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
@@ -66,20 +66,15 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         else:
-            # cache: (S, H, Lmax, D) slot caches; input_pos: (B,) position of x[:, 0] in each row;
-            # cache_rows: (B,) the slot of each row (default: row b uses slot b); kv_len: how many
-            # leading positions to attend over (default all), so short sequences read less.
-            # attn_mask: (B, 1, T, L) bool from GPT.forward, shared by every layer.
+            # cache: (S, H, Lmax, D) slot caches; cache_pos (B, T): where each token's K/V goes in
+            # its row's slot; cache_rows (B,): the slot of each row; kv_len: how many leading
+            # positions to attend over (default all), so short sequences read less. attn_mask:
+            # (B, 1, T, L) bool. GPT.forward makes all of them once for every layer.
             cache_k, cache_v = cache
             L = kv_len or cache_k.size(2)
-            if cache_rows is None:
-                cache_rows = torch.arange(B, device=x.device)
             # write this chunk at its positions in its slots, then gather the slots to attend over
-            # (B, T); the engine pads prefill chunks to fixed shapes, and pad positions past the
-            # cache all write its last position, which is never attended over
-            query_pos = (input_pos[:, None] + torch.arange(T, device=x.device)).clamp(max=cache_k.size(2) - 1)
-            cache_k[cache_rows[:, None], :, query_pos] = k.transpose(1, 2).to(cache_k.dtype)
-            cache_v[cache_rows[:, None], :, query_pos] = v.transpose(1, 2).to(cache_v.dtype)
+            cache_k[cache_rows[:, None], :, cache_pos] = k.transpose(1, 2).to(cache_k.dtype)
+            cache_v[cache_rows[:, None], :, cache_pos] = v.transpose(1, 2).to(cache_v.dtype)
             keys, values = cache_k[cache_rows, :, :L], cache_v[cache_rows, :, :L]
             y = F.scaled_dot_product_attention(
                 q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask)
@@ -134,9 +129,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache=None, input_pos=None, cache_rows=None,
+    def forward(self, x: torch.Tensor, cache=None, cache_pos=None, cache_rows=None,
                 kv_len=None, attn_mask=None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, input_pos, cache_rows, kv_len, attn_mask)
+        x = x + self.attn(self.ln_1(x), cache, cache_pos, cache_rows, kv_len, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
     def decode(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -207,11 +202,12 @@ class GPT(nn.Module):
                 input_pos: torch.Tensor | None = None, last_only: bool = False,
                 cache_rows: torch.Tensor | None = None, logits_index: torch.Tensor | None = None,
                 kv_len: int | None = None):
-        """idx (B, T) token ids. Training: targets (B, T) -> (logits, loss), or (None, loss) with loss_impl "fused".
-        Generation: kv_caches, one (k, v) pair of (S, H, Lmax, D) slot caches per layer; input_pos
-        (B,) the position of idx[:, 0] in each row; cache_rows (B,) the slot of each row (default
-        row b -> slot b); kv_len the number of cache positions attended over. last_only returns logits (B, 1, V) for the last token only, and
-        logits_index (B,) for one chosen position per row (rows of different lengths)."""
+        """idx (B, T) token ids. Training: targets (B, T) -> (logits, loss), or (None, loss) with
+        loss_impl "fused". Generation: kv_caches, one (k, v) pair of (S, H, Lmax, D) slot caches
+        per layer; input_pos (B,) the position of idx[:, 0] in each row; cache_rows (B,) the slot
+        of each row (default row b -> slot b); kv_len the number of cache positions attended
+        over. last_only returns logits (B, 1, V) for the last token only, and logits_index (B,)
+        for one chosen position per row (rows of different lengths)."""
         B, T = idx.size()
         if input_pos is None:
             assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
@@ -220,12 +216,19 @@ class GPT(nn.Module):
             # (B, T), pad positions past the context clamped (see CausalSelfAttention.forward)
             pos = (input_pos[:, None] + torch.arange(T, device=idx.device)).clamp(max=self.config.block_size - 1)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        mask = None
-        if kv_caches is not None:  # query at position p sees cache positions <= p
-            L = kv_len or kv_caches[0][0].size(2)
-            mask = (torch.arange(L, device=idx.device)[None, None, :] <= pos[:, :, None])[:, None]
+        mask = cache_pos = None
+        if kv_caches is not None:
+            # made here once, not in each layer: in a captured prefill every small op is a kernel
+            L_max = kv_caches[0][0].size(2)
+            L = kv_len or L_max
+            mask = (torch.arange(L, device=idx.device)[None, None, :] <= pos[:, :, None])[:, None]  # p sees <= p
+            # the engine pads prefill chunks to fixed shapes: pad positions past the cache all
+            # write its last position, which is never attended over
+            cache_pos = pos if L_max == self.config.block_size else pos.clamp(max=L_max - 1)
+            if cache_rows is None:  # row b uses slot b
+                cache_rows = torch.arange(B, device=idx.device)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches is not None else None, input_pos, cache_rows,
+            x = block(x, kv_caches[i] if kv_caches is not None else None, cache_pos, cache_rows,
                       kv_len, mask)
         x = self.transformer.ln_f(x)
         if targets is not None:
