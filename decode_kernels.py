@@ -68,12 +68,6 @@ if PDL not in ("auto", "0", "1"):
 INT8_CONVERT = os.environ.get("DECODE_INT8_CONVERT", "bits")
 if INT8_CONVERT not in ("bits", "cvt"):
     raise ValueError(f"DECODE_INT8_CONVERT must be bits or cvt, got {INT8_CONVERT!r}")
-# At batch 1 the qkv kernel may also run the attention (see _gemv_kernel's ATTEND): one
-# kernel per layer fewer. DECODE_ATTEND_IN_QKV: "1", or "0" (default: the attention kernel
-# after it) until it is measured faster on a GPU.
-ATTEND_IN_QKV = os.environ.get("DECODE_ATTEND_IN_QKV", "0")
-if ATTEND_IN_QKV not in ("0", "1"):
-    raise ValueError(f"DECODE_ATTEND_IN_QKV must be 0 or 1, got {ATTEND_IN_QKV!r}")
 
 
 def available() -> bool:
@@ -215,11 +209,10 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, N, K, eps,
-                     kv_ptr, pos_ptr, C, D: tl.constexpr, stride_kv, stride_s, stride_h, stride_t, KV_OUT: tl.constexpr,
+                     kv_ptr, pos_ptr, C, D, stride_kv, stride_s, stride_h, stride_t, KV_OUT: tl.constexpr,
                      HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
                      HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                     USE_PDL: tl.constexpr, INT8_BITS: tl.constexpr, attn_ptr, count_ptr, attn_scale,
-                     ATTEND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                     USE_PDL: tl.constexpr, INT8_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr):
         offs_m = tl.arange(0, 1)
         m_mask = offs_m < 1
@@ -246,19 +239,6 @@ if triton is not None:
                       HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
         if KV_OUT:
             _store_kv(y, kv_ptr, pos, offs_m, m_mask, offs_n, n_mask, C, D, stride_kv, stride_s, stride_h, stride_t)
-        if ATTEND:
-            # The qkv's attention in the same kernel: the program that stores the last of head
-            # h's q, k and v columns (3 D / BLOCK_N programs; BLOCK_N divides D) runs head h's
-            # attention, so the step saves a kernel boundary per layer. Threads' stores, then one
-            # release/acquire count per program (the pattern of a grid barrier, without the wait).
-            tl.debug_barrier()
-            head = (tl.program_id(0) * BLOCK_N % C) // D
-            arrived = tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu")
-            if arrived == 3 * (D // BLOCK_N) - 1:
-                tl.store(count_ptr + head, 0)  # every program of the head has counted: reset
-                n = tl.load(pos_ptr)
-                _attend_head(y_ptr + head * D, kv_ptr + head * stride_h, n, attn_ptr + head * D, attn_scale,
-                             C, stride_kv, stride_t, D, BLOCK_T, ".cg")  # .cg: just written by other SMs
 
     @triton.jit
     def _small_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, lnw_ptr, lnb_ptr, r_ptr, y_ptr, M, N, K, eps,
@@ -317,20 +297,10 @@ if triton is not None:
         first_k = tl.load(keys + first_offs, mask=(first < n)[:, None], other=0.0)
         first_v = tl.load(keys + stride_kv + first_offs, mask=(first < n)[:, None], other=0.0)
         _wait_for_inputs(USE_PDL)
-        _attend(qkv_ptr + b * 3 * C + h * D, keys, n, first_k, first_v, y_ptr + b * C + h * D, scale,
-                C, stride_kv, stride_t, D, BLOCK_T, "")
-
-    @triton.jit
-    def _attend(row, keys, n, first_k, first_v, out_ptr, scale, C, stride_kv, stride_t,
-                D: tl.constexpr, BLOCK_T: tl.constexpr, QKV_CACHE: tl.constexpr):
-        """One head of one row: query row[0:D] (own key row[C:C+D], value row[2C:2C+D]) against
-        the cached keys/values at `keys` (positions [0, n), the first tile already loaded) ->
-        out_ptr[0:D]. QKV_CACHE: the cache modifier of the row's loads."""
-        offs_d = tl.arange(0, D)
-        first = tl.arange(0, BLOCK_T)
-        q = tl.load(row + offs_d, cache_modifier=QKV_CACHE).to(tl.float32) * scale
-        acc = tl.load(row + 2 * C + offs_d, cache_modifier=QKV_CACHE).to(tl.float32)  # own value, weight 1
-        m = tl.sum(q * tl.load(row + C + offs_d, cache_modifier=QKV_CACHE).to(tl.float32), axis=0)  # own score
+        row = qkv_ptr + b * 3 * C + h * D
+        q = tl.load(row + offs_d).to(tl.float32) * scale
+        acc = tl.load(row + 2 * C + offs_d).to(tl.float32)  # own value, weight exp(own - m) = 1
+        m = tl.sum(q * tl.load(row + C + offs_d).to(tl.float32), axis=0)  # running max: own score
         m, denom, acc = _softmax_tile(first_k, first_v, first < n, q, m, m * 0.0 + 1.0, acc)
         for t0 in range(BLOCK_T, n, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -339,17 +309,7 @@ if triton is not None:
             k = tl.load(keys + offs, mask=t_mask[:, None], other=0.0)
             v = tl.load(keys + stride_kv + offs, mask=t_mask[:, None], other=0.0)
             m, denom, acc = _softmax_tile(k, v, t_mask, q, m, denom, acc)
-        tl.store(out_ptr + offs_d, (acc / denom).to(out_ptr.dtype.element_ty))
-
-    @triton.jit
-    def _attend_head(row, keys, n, out_ptr, scale, C, stride_kv, stride_t,
-                     D: tl.constexpr, BLOCK_T: tl.constexpr, QKV_CACHE: tl.constexpr):
-        """_attend, loading the first tile of cached keys/values itself."""
-        first = tl.arange(0, BLOCK_T)
-        first_offs = first[:, None] * stride_t + tl.arange(0, D)[None, :]
-        first_k = tl.load(keys + first_offs, mask=(first < n)[:, None], other=0.0)
-        first_v = tl.load(keys + stride_kv + first_offs, mask=(first < n)[:, None], other=0.0)
-        _attend(row, keys, n, first_k, first_v, out_ptr, scale, C, stride_kv, stride_t, D, BLOCK_T, QKV_CACHE)
+        tl.store(y_ptr + b * C + h * D + offs_d, (acc / denom).to(y_ptr.dtype.element_ty))
 
     if not INTERPRET:
         _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY + ["INT8_BITS"])(_gemv_kernel)
@@ -418,8 +378,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            scales: torch.Tensor | None = None, ln_weight: torch.Tensor | None = None,
            ln_bias: torch.Tensor | None = None, eps: float = 1e-5, gelu: bool = False,
            residual: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None, layer: int = 0,
-           pos: torch.Tensor | None = None, n_head: int = 1, attend: bool = False,
-           config: dict[str, int] | None = None) -> torch.Tensor:
+           pos: torch.Tensor | None = None, n_head: int = 1, config: dict[str, int] | None = None) -> torch.Tensor:
     """[residual +] gelu?(LayerNorm?(x) @ weight.T * scales? + bias?) for x (M, K), M <= 16,
     weight (N, K) in x's dtype or int8 (with scales (N,)); -> (M, N) in x's dtype. The
     LayerNorm (ln_weight, ln_bias, eps) is over K. With kv_cache (n_layer, 2, S, n_head, L, D)
@@ -428,9 +387,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     under the interpreter; on a GPU the autotuner picks them. With PDL the kernel reads its
     weights, scales, bias, residual and pos before it waits for the kernel launched just
     before it: only x may come from that kernel (the decode step's residuals are two or more
-    kernels back). attend (one row, with kv_cache; `attends_in_qkv`): the same kernel also
-    runs the attention of this qkv over the row's cache (slot 0, positions [0, pos[0])) and
-    returns its output (1, C), as `attention` would, instead of the qkv."""
+    kernels back)."""
     _need_triton()
     M, K = x.shape
     N = weight.shape[0]
@@ -452,46 +409,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     blocks = (config or configs(M)[0]) if INTERPRET else {}
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     pdl = _use_pdl(x, M)
-    if attend and not (M == 1 and kv_cache is not None and _can_attend(kv[3])):
-        raise ValueError(f"attend takes one row with a cache and a head size of a multiple of {_MAX_GEMV_N} "
-                         f"that is a power of two, got {M} rows")
     if M == 1:
         bits = scales is not None and INT8_CONVERT == "bits"
-        attn = [any_ptr, any_ptr, 0.0]
-        if attend:
-            out = torch.empty((1, N // 3), dtype=x.dtype, device=x.device)
-            attn = [out, _attend_counts(kv_cache, n_head), kv[3] ** -0.5]
         _gemv_kernel[grid](*args, N, K, eps, *kv, **flags, USE_PDL=pdl, INT8_BITS=bits, **blocks,
-                           **_launch_options(pdl), attn_ptr=attn[0], count_ptr=attn[1], attn_scale=attn[2],
-                           ATTEND=attend, BLOCK_T=attention_blocks(1)[0])
-        return out if attend else y
-    _small_mm_kernel[grid](*args, M, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
+                           **_launch_options(pdl))
+    else:
+        _small_mm_kernel[grid](*args, M, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
     return y
-
-
-_MAX_GEMV_N = 32  # the widest BLOCK_N of _GEMV_CONFIGS: with ATTEND it must divide the head size
-_COUNTS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _can_attend(head_size: int) -> bool:
-    """A head size the attention's tiles take (a power of two) and every GEMV block width divides."""
-    return head_size % _MAX_GEMV_N == 0 and head_size & (head_size - 1) == 0
-
-
-def attends_in_qkv(rows: int, head_size: int) -> bool:
-    """Whether the decode step has its qkv kernel run the attention too: ATTEND_IN_QKV, one
-    row, and a head size it can take."""
-    return ATTEND_IN_QKV == "1" and rows == 1 and _can_attend(head_size)
-
-
-def _attend_counts(cache: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Per-head arrival counters (int32, zero between kernels) for the qkv kernels writing into
-    `cache`. One set per cache, made on first use (the warm-up, before any CUDA graph capture
-    bakes its address in) and kept: a captured graph may hold it as long as the cache lives."""
-    key = (cache.device, cache.data_ptr())
-    if key not in _COUNTS:
-        _COUNTS[key] = torch.zeros(n_head, dtype=torch.int32, device=cache.device)
-    return _COUNTS[key]
 
 
 def attention(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int,
@@ -543,19 +467,6 @@ def _(x, weight, bias, scales, ln_weight, ln_bias, eps, cache, layer, pos, n_hea
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-@torch.library.custom_op("code_assistant::decode_qkv_attention", mutates_args=("cache",))
-def qkv_attention_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor | None,
-                     ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, cache: torch.Tensor,
-                     layer: int, pos: torch.Tensor, n_head: int) -> torch.Tensor:
-    return linear(x, weight, bias, scales=scales, ln_weight=ln_weight, ln_bias=ln_bias, eps=eps, kv_cache=cache,
-                  layer=layer, pos=pos, n_head=n_head, attend=True)
-
-
-@qkv_attention_op.register_fake
-def _(x, weight, bias, scales, ln_weight, ln_bias, eps, cache, layer, pos, n_head) -> torch.Tensor:
-    return x.new_empty((x.shape[0], weight.shape[0] // 3))
-
-
 @torch.library.custom_op("code_assistant::decode_attention", mutates_args=())
 def attention_op(qkv: torch.Tensor, cache: torch.Tensor, layer: int, pos: torch.Tensor, n_head: int) -> torch.Tensor:
     return attention(qkv, cache, layer, pos, n_head)
@@ -582,13 +493,11 @@ def on_kernels(x: torch.Tensor, module: nn.Module) -> bool:
 
 
 def qkv_module(x: torch.Tensor, module: nn.Module, ln: nn.LayerNorm, cache: torch.Tensor, layer: int,
-               pos: torch.Tensor, n_head: int, attend: bool = False) -> torch.Tensor:
+               pos: torch.Tensor, n_head: int) -> torch.Tensor:
     """module(ln(x)) for the attention's qkv matmul where `on_kernels(x, module)`, its key and
-    value columns also stored into cache[layer] at (row b, pos[b]) by the same kernel. With
-    attend (where `attends_in_qkv`), the attention's output instead, made by that kernel too."""
+    value columns also stored into cache[layer] at (row b, pos[b]) by the same kernel."""
     weight, scales = weights_of(module)
-    op = qkv_attention_op if attend else qkv_op
-    return op(x, weight, module.bias, scales, ln.weight, ln.bias, ln.eps, cache, layer, pos, n_head)
+    return qkv_op(x, weight, module.bias, scales, ln.weight, ln.bias, ln.eps, cache, layer, pos, n_head)
 
 
 def linear_module(x: torch.Tensor, module: nn.Module, *, ln: nn.LayerNorm | None = None, gelu: bool = False,

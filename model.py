@@ -150,16 +150,11 @@ class Block(nn.Module):
         attn, mlp = self.attn, self.mlp
         B, C = x.shape
         if write_kv and decode_kernels.on_kernels(x, attn.c_attn):
-            kv = None
-            if decode_kernels.attends_in_qkv(B, C // attn.n_head):  # batch 1: one kernel for both
-                y = decode_kernels.qkv_module(x, attn.c_attn, self.ln_1, cache, layer, pos, attn.n_head, attend=True)
-            else:
-                qkv = decode_kernels.qkv_module(x, attn.c_attn, self.ln_1, cache, layer, pos, attn.n_head)
-                y = decode_kernels.attention_op(qkv, cache, layer, pos, attn.n_head)  # (B, C)
+            qkv, kv = decode_kernels.qkv_module(x, attn.c_attn, self.ln_1, cache, layer, pos, attn.n_head), None
         else:
             qkv = decode_kernels.linear_module(x, attn.c_attn, ln=self.ln_1)  # (B, 3C)
             kv = qkv.view(B, 3, attn.n_head, C // attn.n_head)[:, 1:].transpose(0, 1)  # (2, B, H, D)
-            y = decode_kernels.attention_op(qkv, cache, layer, pos, attn.n_head)  # (B, C)
+        y = decode_kernels.attention_op(qkv, cache, layer, pos, attn.n_head)  # (B, C)
         x = decode_kernels.linear_module(y, attn.c_proj, residual=x)
         h = decode_kernels.linear_module(x, mlp.c_fc, ln=self.ln_2, gelu=True)
         return decode_kernels.linear_module(h, mlp.c_proj, residual=x), kv

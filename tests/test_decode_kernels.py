@@ -150,50 +150,6 @@ def test_qkv_kernel_stores_keys_and_values_in_the_cache() -> None:
     assert "cases 40" in out  # 2 dtypes x (12 GEMV + 8 tl.dot configs)
 
 
-def test_qkv_kernel_runs_the_attention_at_batch_1() -> None:
-    """attend=True: the one-row qkv kernel also runs the attention (the program completing each
-    head's q, k and v does it) and returns what the attention kernel would after it, with the
-    same cache writes, its arrival counters back at zero, for every GEMV config; a head size
-    the block widths don't divide, or two rows, are refused."""
-    out = run_interpreted("""
-        import torch
-        import decode_kernels as dk
-
-        torch.manual_seed(0)
-        n_layer, S, H, L, D = 2, 3, 3, 300, 32
-        C = H * D
-        cases = 0
-        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
-            cache = torch.randn(n_layer, 2, S, H, L, D).to(dtype)
-            x, w, bias = torch.randn(1, C).to(dtype), torch.randn(3 * C, C).to(dtype), torch.randn(3 * C).to(dtype)
-            for p, config in zip((0, 1, 127, 128, 129, 299) * 2, dk.configs(1)):  # empty, partial, whole tiles
-                pos = torch.tensor([p])
-                separate, together = cache.clone(), cache.clone()
-                qkv = dk.linear(x, w, bias, kv_cache=separate, layer=1, pos=pos, n_head=H, config=config)
-                want = dk.attention(qkv, separate, 1, pos, H)
-                got = dk.linear(x, w, bias, kv_cache=together, layer=1, pos=pos, n_head=H, config=config, attend=True)
-                assert torch.equal(together, separate), (p, config)
-                err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-                assert got.shape == (1, C) and err < tol, (p, config, err)
-                assert dk._attend_counts(together, H).abs().sum().item() == 0
-                cases += 1
-        dk.ATTEND_IN_QKV = "1"
-        assert dk.attends_in_qkv(1, 64) and not dk.attends_in_qkv(2, 64) and not dk.attends_in_qkv(1, 16)
-        dk.ATTEND_IN_QKV = "0"
-        assert not dk.attends_in_qkv(1, 64)
-        for rows, heads in ((2, H), (1, 2 * H)):  # two rows; a head size of 16
-            try:
-                dk.linear(torch.randn(rows, C), w.float(), kv_cache=cache.float().view(n_layer, 2, S, heads, L, -1),
-                          pos=torch.zeros(rows, dtype=torch.long), n_head=heads, attend=True)
-            except ValueError as e:
-                assert "attend" in str(e)
-            else:
-                raise AssertionError(f"attend accepted {rows} rows and {heads} heads")
-        print("cases", cases)
-    """)
-    assert "cases 24" in out  # 2 dtypes x 12 GEMV configs
-
-
 def test_fused_decode_step_and_engine_match_torch_ops() -> None:
     """GPT.decode_step on the kernels equals the torch-ops step (float and int8 model), and the
     engine on them gives every request the greedy tokens of generation without a cache."""
@@ -209,32 +165,26 @@ def test_fused_decode_step_and_engine_match_torch_ops() -> None:
         float_model = GPT(cfg).eval()
         int8_model, _ = quantize_model(float_model, "int8-weight-only")
         cache = torch.randn(cfg.n_layer, 2, 20, 4, 129, 16)
-        # two heads of 32: at batch 1 the qkv kernel runs the attention too (attends_in_qkv)
-        import decode_kernels
-        decode_kernels.ATTEND_IN_QKV = "1"
-        two_heads = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128, vocab_size=96)).eval()
-        for m, c in ((float_model, cache), (int8_model.eval(), cache), (two_heads, cache.view(2, 2, 20, 2, 129, 32))):
+        for m in (float_model, int8_model.eval()):
             for tokens, pos in (([3], [0]), ([3, 7, 9], [0, 5, 70]), (list(range(18)), list(range(18)))):
                 tokens, pos = torch.tensor(tokens), torch.tensor(pos)
                 with torch.no_grad():
                     model_module.DECODE_KERNELS = "torch"
-                    want, want_kv = m.decode_step(tokens, pos, c, 72)
+                    want, want_kv = m.decode_step(tokens, pos, cache, 72)
                     model_module.DECODE_KERNELS = "triton"
-                    got, got_kv = m.decode_step(tokens, pos, c, 72)
+                    got, got_kv = m.decode_step(tokens, pos, cache, 72)
                 assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
                 assert torch.allclose(got_kv, want_kv, atol=1e-5)
                 # write_kv: the same logits, and the new K/V in the cache at (row, pos) only
-                written = c.clone()
-                decode_kernels._COUNTS.clear()
+                written = cache.clone()
                 with torch.no_grad():
                     got, none = m.decode_step(tokens, pos, written, 72, write_kv=True)
                 assert none is None and torch.allclose(got, want, atol=1e-4)
-                attended = (written.device, written.data_ptr()) in decode_kernels._COUNTS  # counters made
-                assert attended == (m is two_heads and len(pos) == 1), (len(pos), attended)
-                expected = c.clone()
+                expected = cache.clone()
                 expected[:, :, torch.arange(len(pos)), :, pos] = want_kv
                 assert torch.allclose(written, expected, atol=1e-5)
         # a float lm_head wider than WIDE_N goes to torch ops from 2 rows on: the same logits
+        import decode_kernels
         wide_model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=64, block_size=128, vocab_size=320)).eval()
         decode_kernels.WIDE_N = 4 * 64  # the fc layer's width: only the lm_head is wider
         kernel_op, widths = decode_kernels.linear_op, []
@@ -283,25 +233,22 @@ def test_kernels_compile_for_hopper() -> None:
                 elif name.endswith("_ptr"):
                     signature[name] = pointers.get(name, "*bf16")
                 else:
-                    signature[name] = "fp32" if name in ("eps", "scale", "attn_scale") else "i32"
+                    signature[name] = "fp32" if name in ("eps", "scale") else "i32"
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
             return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
         flags = dict(HAS_BIAS=True, HAS_LN=True, HAS_LN_BIAS=True, GELU=True, HAS_RESIDUAL=True, USE_PDL=True)
         built, int_to_float = [], {}
-        floats = {"pos_ptr": "*i64", "count_ptr": "*i32"}
-        ints = dict(floats, w_ptr="*i8")
+        floats, ints = {"pos_ptr": "*i64"}, {"pos_ptr": "*i64", "w_ptr": "*i8"}
         for pointers, scales, bits in ((floats, False, False), (ints, True, True), (ints, True, False)):
-            # the float build with the attention inside (ATTEND), the int8 ones without
             gemv = build(dk._gemv_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, INT8_BITS=bits, **flags,
-                         D=64, ATTEND=not scales, BLOCK_T=128, **dk._GEMV_CONFIGS[0].kwargs)
+                         **dk._GEMV_CONFIGS[0].kwargs)
             # the weights' int-to-float conversions in PTX (cvt.rn.f32.s16 after cvt.s16.s8)
             int_to_float[bits] = len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", gemv.asm["ptx"]))
             built += [gemv, build(dk._small_mm_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, **flags,
                                   **dk._SMALL_MM_CONFIGS[0].kwargs)]
         built.append(build(dk._attention_kernel, {"pos_ptr": "*i64"}, D=64, BLOCK_T=128, USE_PDL=True))
         assert all(k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"] for k in built)
-        assert re.search(r"atom[.]global[.]gpu[.]acq_rel[.]add", built[0].asm["ptx"]), "no acq_rel arrival count"
         assert int_to_float[True] == 0 < int_to_float[False], int_to_float  # INT8_BITS removes them
         print("built", len(built))
     """)
