@@ -29,6 +29,10 @@ falls back to the same math in torch ops.
 Tried and dropped: fusing the attention with its projection, and the MLP's two matmuls, into
 one kernel each (split-K over heads / hidden units, partial rows summed with atomics). Each
 took twice the time of the two kernels it replaced (bench/results/decode_split_k_h200.json).
+And, at batch 1, the attention inside the qkv kernel (the program storing the last of a head's
+q, k and v columns counted in with an atomic and ran that head's attention): 54 kernels per
+step instead of 66, but 233 against 213 us on an H100, the heads' attention serialised at the
+kernel's tail (bench/results/decode_variants_attend_h100.json, code of commit f619460).
 
 Without Triton (the CPU build of torch) `available()` is False and callers use torch ops;
 the tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1),
