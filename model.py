@@ -213,7 +213,7 @@ class GPT(nn.Module):
             assert T <= self.config.block_size, f"sequence of {T} > block_size {self.config.block_size}"
             pos = torch.arange(T, device=idx.device)[None]  # (1, T)
         else:
-            # (B, T), pad positions past the context clamped (see CausalSelfAttention.forward)
+            # (B, T), pad positions past the context clamped (see cache_pos below)
             pos = (input_pos[:, None] + torch.arange(T, device=idx.device)).clamp(max=self.config.block_size - 1)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         mask = cache_pos = None
@@ -224,7 +224,7 @@ class GPT(nn.Module):
             mask = (torch.arange(L, device=idx.device)[None, None, :] <= pos[:, :, None])[:, None]  # p sees <= p
             # the engine pads prefill chunks to fixed shapes: pad positions past the cache all
             # write its last position, which is never attended over
-            cache_pos = pos if L_max == self.config.block_size else pos.clamp(max=L_max - 1)
+            cache_pos = pos.clamp(max=L_max - 1)
             if cache_rows is None:  # row b uses slot b
                 cache_rows = torch.arange(B, device=idx.device)
         for i, block in enumerate(self.transformer.h):
