@@ -40,7 +40,9 @@ where the launchers below accept CPU tensors, and compile them for sm_90 without
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,6 +76,17 @@ if INT8_CONVERT not in ("bits", "cvt"):
     raise ValueError(f"DECODE_INT8_CONVERT must be bits or cvt, got {INT8_CONVERT!r}")
 
 
+# The one-row kernel's block sizes tuned inside a whole captured decode step, per GPU model
+# (bench/tune_decode.py): the autotuner times each kernel alone, where it can't see what PDL
+# overlaps in a real step, and its pick moves from process to process with timing noise. A
+# matmul found in the table for the GPU launches with that entry; any other is autotuned.
+# DECODE_TUNED=0 ignores the table.
+TUNED_PATH = Path(__file__).with_name("decode_kernels_tuned.json")
+USE_TUNED = os.environ.get("DECODE_TUNED", "1") != "0"
+_tuned: dict[str, dict[str, dict[str, int]]] | None = None  # GPU name -> gemv_key -> config
+_device_names: dict[int, str] = {}
+
+
 def available() -> bool:
     return triton is not None
 
@@ -96,7 +109,11 @@ if triton is not None:
                                      (16, 256, 4), (16, 512, 8), (32, 128, 4), (32, 256, 8),
                                      # whole 768-wide rows per load: more bytes in flight per
                                      # program, for weights that come from HBM, not L2
-                                     (2, 1024, 4), (4, 1024, 4), (8, 1024, 8), (4, 2048, 8))]
+                                     (2, 1024, 4), (4, 1024, 4), (8, 1024, 8), (4, 2048, 8),
+                                     # whole rows of the MLP's projection (K = 3072-5120) in one
+                                     # load: with PDL all of a program's weight is requested before
+                                     # the wait, none after it
+                                     (2, 2048, 4), (2, 4096, 8), (4, 4096, 8), (2, 8192, 8))]
     # 2-16 rows: one tl.dot tile of 16 rows (the rows past M masked), so the tensor cores do
     # the multiply and the weight tile is still read once for all rows.
     _SMALL_MM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
@@ -315,8 +332,14 @@ if triton is not None:
             m, denom, acc = _softmax_tile(k, v, t_mask, q, m, denom, acc)
         tl.store(y_ptr + b * C + h * D + offs_d, (acc / denom).to(y_ptr.dtype.element_ty))
 
+    def _prune_gemv_configs(configs: list, named_args: dict, **kwargs) -> list:
+        """The autotuner's candidates for K: none whose K block is past K's next power of two
+        (from 1024 down every config stays): a longer block only adds masked lanes."""
+        return [c for c in configs if c.kwargs["BLOCK_K"] <= max(1024, triton.next_power_of_2(named_args["K"]))]
+
     if not INTERPRET:
-        _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY + ["INT8_BITS"])(_gemv_kernel)
+        _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY + ["INT8_BITS"],
+                                       prune_configs_by={"early_config_prune": _prune_gemv_configs})(_gemv_kernel)
         _small_mm_kernel = triton.autotune(configs=_SMALL_MM_CONFIGS, key=_KEY)(_small_mm_kernel)
 
 
@@ -332,6 +355,46 @@ def attention_blocks(batch: int) -> tuple[int, int]:
 def configs(rows: int) -> list[dict[str, int]]:
     """The block sizes the autotuner chooses from for `rows` input rows (the tests run each)."""
     return [dict(c.kwargs) for c in (_GEMV_CONFIGS if rows == 1 else _SMALL_MM_CONFIGS)]
+
+
+def gemv_candidates(K: int) -> list[dict[str, int]]:
+    """The one-row kernel's configs for width K, as the autotuner prunes them, with warps."""
+    _need_triton()
+    return [dict(c.kwargs, num_warps=c.num_warps) for c in _prune_gemv_configs(_GEMV_CONFIGS, {"K": K})]
+
+
+def gemv_key(N: int, K: int, *, int8: bool, ln: bool, gelu: bool, residual: bool, kv: bool) -> str:
+    """A one-row matmul's name in the tuned table: its shape and what is fused into it."""
+    fused = [name for name, on in (("ln", ln), ("gelu", gelu), ("residual", residual), ("kv", kv)) if on]
+    return "_".join([f"N{N}", f"K{K}", "int8" if int8 else "float", *fused])
+
+
+def load_tuned(path: Path) -> dict[str, dict[str, dict[str, int]]]:
+    """{GPU name: {gemv_key: config}} from a tuned table ({"devices": {name: {"gemv": ...}}});
+    empty without the file. An entry that is not one of the kernel's configs is refused."""
+    if not path.exists():
+        return {}
+    _need_triton()
+    known = gemv_candidates(1 << 30)  # every config
+    table = {}
+    for device, entry in json.loads(path.read_text())["devices"].items():
+        table[device] = entry["gemv"]
+        for key, c in entry["gemv"].items():
+            if c not in known:
+                raise ValueError(f"{path}: {device} {key}: {c} is not one of the one-row kernel's configs")
+    return table
+
+
+def tuned_table(device: torch.device) -> dict[str, dict[str, int]]:
+    """The tuned configs for device's GPU model, read from TUNED_PATH on first use. Mutable:
+    bench/tune_decode.py tries its candidates through it."""
+    global _tuned
+    if _tuned is None:
+        _tuned = load_tuned(TUNED_PATH)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_names:
+        _device_names[index] = torch.cuda.get_device_name(index)
+    return _tuned.setdefault(_device_names[index], {})
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
@@ -415,8 +478,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     pdl = _use_pdl(x, M)
     if M == 1:
         bits = scales is not None and INT8_CONVERT == "bits"
-        _gemv_kernel[grid](*args, N, K, eps, *kv, **flags, USE_PDL=pdl, INT8_BITS=bits, **blocks,
-                           **_launch_options(pdl))
+        kernel = _gemv_kernel
+        if not INTERPRET and USE_TUNED:
+            key = gemv_key(N, K, int8=scales is not None, ln=ln_weight is not None, gelu=gelu,
+                           residual=residual is not None, kv=kv_cache is not None)
+            tuned = tuned_table(x.device).get(key)
+            if tuned is not None:
+                kernel, blocks = _gemv_kernel.fn, tuned  # the jit function under the autotuner
+        kernel[grid](*args, N, K, eps, *kv, **flags, USE_PDL=pdl, INT8_BITS=bits, **blocks, **_launch_options(pdl))
     else:
         _small_mm_kernel[grid](*args, M, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
     return y

@@ -9,6 +9,7 @@ takes the same code path in the kernel); tests/test_engine_cuda.py checks bf16 o
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
                 raise AssertionError(message)
         print("cases", cases)
     """)
-    assert "cases 252" in out  # 2 dtypes x (2 checks x 60 (shape, config) pairs + 6 shapes)
+    assert "cases 300" in out  # 2 dtypes x (2 checks x 72 (shape, config) pairs + 6 shapes)
 
 
 def test_attention_matches_softmax_over_cache_and_own_token() -> None:
@@ -147,7 +148,7 @@ def test_qkv_kernel_stores_keys_and_values_in_the_cache() -> None:
             raise AssertionError("a cache of the wrong head count was accepted")
         print("cases", cases)
     """)
-    assert "cases 40" in out  # 2 dtypes x (12 GEMV + 8 tl.dot configs)
+    assert "cases 48" in out  # 2 dtypes x (16 GEMV + 8 tl.dot configs)
 
 
 def test_fused_decode_step_and_engine_match_torch_ops() -> None:
@@ -208,6 +209,44 @@ def test_fused_decode_step_and_engine_match_torch_ops() -> None:
         print("ok")
     """)
     assert "ok" in out
+
+
+def test_tuned_table_loads_and_refuses_unknown_configs(tmp_path: Path) -> None:
+    """The committed table of in-step tuned block sizes (bench/tune_decode.py) loads, names only
+    configs the autotuner could pick for each matmul's width, and a table naming any other
+    config is refused at load. The candidates are pruned by K as the autotuner prunes them."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"devices": {"GPU X": {"gemv": {
+        "N768_K768_float": {"BLOCK_N": 3, "BLOCK_K": 64, "num_warps": 4}}}}}))
+    out = run_interpreted(f"""
+        from pathlib import Path
+        import decode_kernels as dk
+
+        key = dk.gemv_key(2304, 768, int8=False, ln=True, gelu=False, residual=False, kv=True)
+        assert key == "N2304_K768_float_ln_kv", key
+        key = dk.gemv_key(768, 3072, int8=True, ln=False, gelu=False, residual=True, kv=False)
+        assert key == "N768_K3072_int8_residual", key
+        narrow, wide = dk.gemv_candidates(768), dk.gemv_candidates(5120)
+        assert max(c["BLOCK_K"] for c in narrow) == 1024 and max(c["BLOCK_K"] for c in wide) == 8192
+        assert len(narrow) < len(wide) == len(dk.configs(1))
+        table = dk.load_tuned(dk.TUNED_PATH)
+        assert table, "the tuned table is committed"
+        entries = 0
+        for device, gemv in table.items():
+            for key, config in gemv.items():
+                K = int(key.split("_")[1][1:])
+                assert config in dk.gemv_candidates(K), (device, key, config)
+                entries += 1
+        try:
+            dk.load_tuned(Path({str(bad)!r}))
+        except ValueError as e:
+            assert "N768_K768_float" in str(e), e
+        else:
+            raise AssertionError("a config the kernel doesn't have was accepted")
+        assert dk.load_tuned(Path({str(tmp_path / "absent.json")!r})) == {{}}
+        print("entries", entries)
+    """)
+    assert int(out.split()[-1]) >= 5
 
 
 def test_kernels_compile_for_hopper() -> None:
