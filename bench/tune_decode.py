@@ -33,27 +33,18 @@ import decode_kernels  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization import quantize_model  # noqa: E402
 
+from decode_kernels_bench import graph_us  # noqa: E402  (bench/, the script's own folder)
+
 SHAPES = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280)}  # layers, heads, width
 STEPS_PER_GRAPH = 10
 
 
 def step_us(model: GPT, tokens: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, replays: int) -> float:
-    """GPU microseconds per decode step, STEPS_PER_GRAPH steps captured in one graph."""
+    """GPU microseconds per decode step, STEPS_PER_GRAPH steps captured in one graph (the
+    first, outside the capture, compiles a config not yet used)."""
     with torch.no_grad():
-        model.decode_step(tokens, pos, cache, 128, write_kv=True)  # compile a new config outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(STEPS_PER_GRAPH):
-                model.decode_step(tokens, pos, cache, 128, write_kv=True)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * STEPS_PER_GRAPH)
+        return graph_us(lambda i: model.decode_step(tokens, pos, cache, 128, write_kv=True),
+                        calls=STEPS_PER_GRAPH, replays=replays)
 
 
 def autotuned_picks() -> dict[str, dict[str, int]]:
