@@ -8,7 +8,7 @@ kernels and 566 -> 401 us per step at batch 1, bench/results/decode_variants_h20
 the K/V stored by the qkv kernel, PDL and the engine's fused pick, 66 kernels and 195 us,
 decode_variants_triton_h200.json):
 
-    linear:     y = [residual +] act(LN(x) @ W.T * scales + bias)   x (M, K), W (N, K), M <= 16
+    linear:     y = [residual +] act(LN(x) @ W.T * scales + bias)   x (M, K), W (N, K), M small
                 (LayerNorm on the way in, bias / GELU / residual on the way out; W bf16 or
                 int8 with per-row scales, read once, converted in registers). For the
                 attention's qkv it can also store the new keys and values into the cache.
@@ -23,8 +23,9 @@ They are custom ops (`code_assistant::decode_linear`, `decode_qkv`, which declar
 writes the cache, and `decode_attention`), so torch.compile keeps each as one opaque call in
 the compiled step and CUDA graphs capture them like any kernel. The linear's block sizes are
 autotuned per shape on first use, which the engine's warm-up runs before it captures a graph.
-Larger inputs (prefill, big batches) are compute-bound and stay on cuBLAS; `linear_module`
-falls back to the same math in torch ops.
+Above 16 rows the kernel tiles the rows too; it serves int8 weights up to 256 rows (see
+KERNEL_ROWS). Larger inputs (long prefills) are compute-bound and stay on cuBLAS;
+`linear_module` falls back to the same math in torch ops.
 
 Tried and dropped: fusing the attention with its projection, and the MLP's two matmuls, into
 one kernel each (split-K over heads / hidden units, partial rows summed with atomics). Each
@@ -33,6 +34,8 @@ And, at batch 1, the attention inside the qkv kernel (the program storing the la
 q, k and v columns counted in with an atomic and ran that head's attention): 54 kernels per
 step instead of 66, but 233 against 213 us on an H100, the heads' attention serialised at the
 kernel's tail (bench/results/decode_variants_attend_h100.json, code of commit f619460).
+And one row on the tensor cores (the 16-row tl.dot tile, 15 rows masked, DECODE_ONE_ROW=dot):
+0.51-0.74x of the GEMV's step, worst for int8 (bench/results/decode_rows_h100.json).
 
 Without Triton (the CPU build of torch) `available()` is False and callers use torch ops;
 the tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1),
@@ -54,7 +57,21 @@ try:
 except ImportError:  # torch's CPU wheels ship without Triton
     triton = None
 
-MAX_ROWS = 16  # above this the matmul has enough rows to be compute-bound: cuBLAS wins
+MAX_ROWS = 16  # rows of one tl.dot tile: the small kernel's limit
+# Up to KERNEL_ROWS rows (INT8_KERNEL_ROWS for int8 weights) the matmuls run here, above on
+# cuBLAS (int8: quantization.int8_linear). From 17 rows the kernel tiles M as well (_MM_CONFIGS,
+# autotuned per row count: the engine's batch buckets are powers of two). Measured on an H100
+# (bench/results/decode_rows_h100.json, step at 32-256 rows): bf16 0.80-0.92x of cuBLAS's step
+# (its split-K keeps 132 SMs busy on these small matmuls, with separate LayerNorm, GELU and
+# residual kernels), so bf16 stays there; int8 1.3-1.9x of int8_linear's (which writes the
+# weight in bf16 for cuBLAS to read back). DECODE_KERNEL_ROWS / DECODE_INT8_KERNEL_ROWS override.
+KERNEL_ROWS = int(os.environ.get("DECODE_KERNEL_ROWS", str(MAX_ROWS)))
+INT8_KERNEL_ROWS = int(os.environ.get("DECODE_INT8_KERNEL_ROWS", "256"))
+# One row: "gemv" (default) the CUDA-core kernel below, "dot" the tensor-core tile of 16 rows
+# with 15 of them masked (bench/decode_rows.py measures both).
+ONE_ROW = os.environ.get("DECODE_ONE_ROW", "gemv")
+if ONE_ROW not in ("gemv", "dot"):
+    raise ValueError(f"DECODE_ONE_ROW must be gemv or dot, got {ONE_ROW!r}")
 WIDE_N = 16384  # float matmuls with more outputs than this take cuBLAS from 2 rows on
 # Triton's interpreter (CPU tests) has no GPU to autotune on: there the launcher takes the
 # block sizes from its caller, which runs every config in turn.
@@ -113,12 +130,20 @@ if triton is not None:
                                      # whole rows of the MLP's projection (K = 3072-5120) in one
                                      # load: with PDL all of a program's weight is requested before
                                      # the wait, none after it
-                                     (2, 2048, 4), (2, 4096, 8), (4, 4096, 8), (2, 8192, 8))]
+                                     (2, 2048, 4), (2, 4096, 8), (4, 4096, 8), (2, 8192, 8),
+                                     # 8-16 KB of int8 per load, for int8's half-size rows
+                                     (32, 512, 8), (16, 1024, 8), (8, 2048, 8))]
     # 2-16 rows: one tl.dot tile of 16 rows (the rows past M masked), so the tensor cores do
     # the multiply and the weight tile is still read once for all rows.
     _SMALL_MM_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                          for n, k, w in ((16, 128, 4), (16, 256, 4), (32, 128, 4), (32, 256, 4),
                                          (64, 128, 4), (64, 256, 8), (16, 512, 4), (32, 512, 8))]
+    # 17-256 rows: tiles of BLOCK_M rows, the weight tile read once per row tile (from L2 after
+    # the first), software-pipelined over K like a plain matmul.
+    _MM_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                   for m, n, k, w, s in ((32, 32, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4),
+                                         (64, 32, 128, 4, 4), (64, 64, 64, 4, 4), (64, 64, 128, 8, 3),
+                                         (64, 128, 64, 8, 3), (128, 64, 64, 8, 3))]
     _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "KV_OUT", "USE_PDL"]
 
     @triton.jit
@@ -266,15 +291,16 @@ if triton is not None:
                          kv_ptr, pos_ptr, C, D, stride_kv, stride_s, stride_h, stride_t, KV_OUT: tl.constexpr,
                          HAS_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LN: tl.constexpr,
                          HAS_LN_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         USE_PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        offs_m = tl.arange(0, 16)
+                         USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask, n_mask = offs_m < M, offs_n < N
         scale, bias, residual, pos = _epilogue_inputs(s_ptr, b_ptr, r_ptr, pos_ptr, offs_m, m_mask, offs_n, n_mask, N,
                                                       HAS_SCALES, HAS_BIAS, HAS_RESIDUAL, KV_OUT)
         _wait_for_inputs(USE_PDL)  # weights: nothing to prefetch across tl.dot's pipelined loop
         mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, HAS_LN, BLOCK_K)
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
@@ -340,7 +366,10 @@ if triton is not None:
     if not INTERPRET:
         _gemv_kernel = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY + ["INT8_BITS"],
                                        prune_configs_by={"early_config_prune": _prune_gemv_configs})(_gemv_kernel)
+        _mm_kernel = triton.autotune(configs=_MM_CONFIGS, key=_KEY + ["M"])(_small_mm_kernel)
         _small_mm_kernel = triton.autotune(configs=_SMALL_MM_CONFIGS, key=_KEY)(_small_mm_kernel)
+    else:
+        _mm_kernel = _small_mm_kernel
 
 
 def attention_blocks(batch: int) -> tuple[int, int]:
@@ -354,7 +383,11 @@ def attention_blocks(batch: int) -> tuple[int, int]:
 
 def configs(rows: int) -> list[dict[str, int]]:
     """The block sizes the autotuner chooses from for `rows` input rows (the tests run each)."""
-    return [dict(c.kwargs) for c in (_GEMV_CONFIGS if rows == 1 else _SMALL_MM_CONFIGS)]
+    if rows == 1:
+        return [dict(c.kwargs) for c in _GEMV_CONFIGS]
+    if rows <= MAX_ROWS:
+        return [dict(c.kwargs, BLOCK_M=MAX_ROWS) for c in _SMALL_MM_CONFIGS]
+    return [dict(c.kwargs) for c in _MM_CONFIGS]
 
 
 def gemv_candidates(K: int) -> list[dict[str, int]]:
@@ -446,7 +479,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            ln_bias: torch.Tensor | None = None, eps: float = 1e-5, gelu: bool = False,
            residual: torch.Tensor | None = None, kv_cache: torch.Tensor | None = None, layer: int = 0,
            pos: torch.Tensor | None = None, n_head: int = 1, config: dict[str, int] | None = None) -> torch.Tensor:
-    """[residual +] gelu?(LayerNorm?(x) @ weight.T * scales? + bias?) for x (M, K), M <= 16,
+    """[residual +] gelu?(LayerNorm?(x) @ weight.T * scales? + bias?) for x (M, K),
     weight (N, K) in x's dtype or int8 (with scales (N,)); -> (M, N) in x's dtype. The
     LayerNorm (ln_weight, ln_bias, eps) is over K. With kv_cache (n_layer, 2, S, n_head, L, D)
     the output is a qkv (N = 3C) and its key and value columns are also written into
@@ -458,9 +491,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _need_triton()
     M, K = x.shape
     N = weight.shape[0]
-    if M > MAX_ROWS or weight.shape[1] != K:
-        raise ValueError(f"decode_kernels.linear takes up to {MAX_ROWS} rows of width {weight.shape[1]}, "
-                         f"got {tuple(x.shape)}")
+    if weight.shape[1] != K:
+        raise ValueError(f"decode_kernels.linear: x {tuple(x.shape)} against a weight of width {weight.shape[1]}")
     if (weight.dtype == torch.int8) != (scales is not None):
         raise ValueError("an int8 weight needs its scales, and only an int8 weight takes scales")
     x, weight = x.contiguous(), weight.contiguous()
@@ -474,9 +506,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                  HAS_LN_BIAS=ln_bias is not None, GELU=gelu, HAS_RESIDUAL=residual is not None,
                  KV_OUT=kv_cache is not None)
     blocks = (config or configs(M)[0]) if INTERPRET else {}
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta.get("BLOCK_M", M)))  # noqa: E731
     pdl = _use_pdl(x, M)
-    if M == 1:
+    if M == 1 and ONE_ROW == "gemv":
         bits = scales is not None and INT8_CONVERT == "bits"
         kernel = _gemv_kernel
         if not INTERPRET and USE_TUNED:
@@ -486,8 +518,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             if tuned is not None:
                 kernel, blocks = _gemv_kernel.fn, tuned  # the jit function under the autotuner
         kernel[grid](*args, N, K, eps, *kv, **flags, USE_PDL=pdl, INT8_BITS=bits, **blocks, **_launch_options(pdl))
-    else:
+    elif M <= MAX_ROWS:  # one tile of 16 rows
+        if not INTERPRET:
+            blocks = {"BLOCK_M": MAX_ROWS}
         _small_mm_kernel[grid](*args, M, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
+    else:
+        _mm_kernel[grid](*args, M, N, K, eps, *kv, **flags, USE_PDL=pdl, **blocks, **_launch_options(pdl))
     return y
 
 
@@ -556,13 +592,17 @@ def weights_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def on_kernels(x: torch.Tensor, module: nn.Module) -> bool:
-    """Whether x (rows, width) times a linear module runs on the kernel: up to MAX_ROWS rows
-    where `supports(x)`, not an int8 module with its `triton` flag off, and not a float matmul
-    wider than WIDE_N at 2-16 rows (the lm_head: cuBLAS's tensor-core tiles measured faster
-    there, 16 rows x 50k: 26.9 against 35.1 us on an H200, bench/results/decode_kernels_h200.json)."""
-    if x.shape[0] > MAX_ROWS or not supports(x) or not getattr(module, "triton", True):
+    """Whether x (rows, width) times a linear module runs on the kernel: up to KERNEL_ROWS rows
+    (INT8_KERNEL_ROWS for an int8 module) where `supports(x)`, not an int8 module with its
+    `triton` flag off, and not a float matmul wider than WIDE_N from 2 rows on (the lm_head:
+    cuBLAS's tensor-core tiles measured faster there, 16 rows x 50k: 26.9 against 35.1 us on
+    an H200, bench/results/decode_kernels_h200.json)."""
+    int8 = hasattr(module, "qweight")
+    if x.shape[0] > (INT8_KERNEL_ROWS if int8 else KERNEL_ROWS) or not supports(x):
         return False
-    return hasattr(module, "qweight") or x.shape[0] == 1 or module.weight.shape[0] <= WIDE_N
+    if not getattr(module, "triton", True):
+        return False
+    return int8 or x.shape[0] == 1 or module.weight.shape[0] <= WIDE_N
 
 
 def qkv_module(x: torch.Tensor, module: nn.Module, ln: nn.LayerNorm, cache: torch.Tensor, layer: int,

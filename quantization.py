@@ -136,11 +136,12 @@ class WeightOnlyInt8Linear(nn.Module):
         if decode_kernels.on_kernels(x2d, self):
             # Decode-sized inputs: one Triton kernel reads the int8 rows and scales in registers
             # (decode_kernels.py says why Inductor's own code for the formula below was slower than
-            # bf16). Under torch.compile `rows <= 16` is a guard on the batch size: batches
-            # past 16 get their own compiled graph, which takes the plain path.
+            # bf16). Under torch.compile the row limit (decode_kernels.INT8_KERNEL_ROWS) is a
+            # guard on the batch size: larger batches get their own compiled graph, which takes
+            # the plain path.
             y = decode_kernels.linear_op(x2d, self.qweight, self.bias, self.scales, None, None, 1e-5, False, None)
             return y.view(*x.shape[:-1], self.out_features)
-        # Everything else (CPU, prefill, large batches): the plain formula. Eager prefill is
+        # Everything else (CPU, long prefills, large batches): the plain formula. Eager prefill is
         # captured as CUDA graphs; a separately compiled int8_linear called eagerly there cost
         # ~0.9 ms of host time per call on an H100 (batch-16 int8 was 8-16x slower than bf16).
         return int8_linear(x, self.qweight, self.scales, self.bias)

@@ -37,7 +37,8 @@ def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
         assert dk.INTERPRET and dk.available()
         torch.manual_seed(0)
         cases = 0
-        for rows, n, k in [(1, 72, 96), (1, 5, 7), (1, 300, 520), (2, 40, 64), (7, 33, 100), (16, 130, 270)]:
+        for rows, n, k in [(1, 72, 96), (1, 5, 7), (1, 300, 520), (2, 40, 64), (7, 33, 100), (16, 130, 270),
+                             (40, 70, 130)]:
             w, bias, r = torch.randn(n, k), torch.randn(n), torch.randn(rows, n)
             q, s = quantize_int8_per_channel(w)
             g, lb = torch.randn(k), torch.randn(k)
@@ -75,7 +76,7 @@ def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
         for rows in (2, 3, 11):
             x, r = torch.randn(rows, 48), torch.randn(rows, 24)
             assert torch.allclose(f(x, r), r + (x @ q.float().T) * s + 1, atol=1e-4)
-        for bad, message in ((lambda: dk.linear(torch.randn(17, 48), q, scales=s), "16 rows"),
+        for bad, message in ((lambda: dk.linear(torch.randn(17, 40), q, scales=s), "width 48"),
                              (lambda: dk.linear(torch.randn(2, 48), q), "scales")):
             try:
                 bad()
@@ -85,7 +86,7 @@ def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
                 raise AssertionError(message)
         print("cases", cases)
     """)
-    assert "cases 300" in out  # 2 dtypes x (2 checks x 72 (shape, config) pairs + 6 shapes)
+    assert "cases 370" in out  # 2 dtypes x (2 checks x 89 (shape, config) pairs + 7 shapes)
 
 
 def test_attention_matches_softmax_over_cache_and_own_token() -> None:
@@ -122,14 +123,15 @@ def test_qkv_kernel_stores_keys_and_values_in_the_cache() -> None:
         import decode_kernels as dk
 
         torch.manual_seed(0)
-        n_layer, S, H, L, D = 2, 5, 4, 100, 16
+        n_layer, H, L, D = 2, 4, 100, 16
         C = H * D
+        pos = torch.tensor([0, 7, 99] + list(range(10, 27)))  # first, middle and last position, ...
+        S = len(pos)
         cache = torch.randn(n_layer, 2, S, H, L, D)
-        pos = torch.tensor([0, 7, 99])  # first, middle and last position
         cases = 0
         for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
-            x, w = torch.randn(3, C).to(dtype), torch.randn(3 * C, C).to(dtype)
-            for rows in (1, 3):  # the GEMV and the tl.dot kernel
+            x, w = torch.randn(S, C).to(dtype), torch.randn(3 * C, C).to(dtype)
+            for rows in (1, 3, S):  # the GEMV, the 16-row tl.dot tile and the row-tiled kernel
                 for config in dk.configs(rows):
                     stored = cache.to(dtype)
                     y = dk.linear(x[:rows], w, kv_cache=stored, layer=1, pos=pos[:rows], n_head=H, config=config)
@@ -148,7 +150,7 @@ def test_qkv_kernel_stores_keys_and_values_in_the_cache() -> None:
             raise AssertionError("a cache of the wrong head count was accepted")
         print("cases", cases)
     """)
-    assert "cases 48" in out  # 2 dtypes x (16 GEMV + 8 tl.dot configs)
+    assert "cases 70" in out  # 2 dtypes x (19 GEMV + 8 16-row + 8 row-tiled configs)
 
 
 def test_fused_decode_step_and_engine_match_torch_ops() -> None:
@@ -166,7 +168,9 @@ def test_fused_decode_step_and_engine_match_torch_ops() -> None:
         float_model = GPT(cfg).eval()
         int8_model, _ = quantize_model(float_model, "int8-weight-only")
         cache = torch.randn(cfg.n_layer, 2, 20, 4, 129, 16)
-        for m in (float_model, int8_model.eval()):
+        import decode_kernels
+        for m, kernel_rows in ((float_model, 16), (int8_model.eval(), 16), (float_model, 32), (int8_model, 32)):
+            decode_kernels.KERNEL_ROWS = kernel_rows  # 18 rows: torch ops, then the row-tiled kernel
             for tokens, pos in (([3], [0]), ([3, 7, 9], [0, 5, 70]), (list(range(18)), list(range(18)))):
                 tokens, pos = torch.tensor(tokens), torch.tensor(pos)
                 with torch.no_grad():
@@ -184,8 +188,8 @@ def test_fused_decode_step_and_engine_match_torch_ops() -> None:
                 expected = cache.clone()
                 expected[:, :, torch.arange(len(pos)), :, pos] = want_kv
                 assert torch.allclose(written, expected, atol=1e-5)
+        decode_kernels.KERNEL_ROWS = 16
         # a float lm_head wider than WIDE_N goes to torch ops from 2 rows on: the same logits
-        import decode_kernels
         wide_model = GPT(GPTConfig(n_layer=1, n_head=4, n_embd=64, block_size=128, vocab_size=320)).eval()
         decode_kernels.WIDE_N = 4 * 64  # the fc layer's width: only the lm_head is wider
         kernel_op, widths = decode_kernels.linear_op, []
@@ -285,10 +289,12 @@ def test_kernels_compile_for_hopper() -> None:
             # the weights' int-to-float conversions in PTX (cvt.rn.f32.s16 after cvt.s16.s8)
             int_to_float[bits] = len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", gemv.asm["ptx"]))
             built += [gemv, build(dk._small_mm_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, **flags,
-                                  **dk._SMALL_MM_CONFIGS[0].kwargs)]
+                                  BLOCK_M=16, **dk._SMALL_MM_CONFIGS[0].kwargs),
+                      build(dk._mm_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, **flags,
+                            **dk._MM_CONFIGS[0].kwargs)]
         built.append(build(dk._attention_kernel, {"pos_ptr": "*i64"}, D=64, BLOCK_T=128, USE_PDL=True))
         assert all(k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"] for k in built)
         assert int_to_float[True] == 0 < int_to_float[False], int_to_float  # INT8_BITS removes them
         print("built", len(built))
     """)
-    assert "built 7" in out
+    assert "built 10" in out
