@@ -158,7 +158,11 @@ def write_table(path: Path, device: str, picks: dict[str, dict[str, int]], resul
     devices = existing.get("devices", {})
     entry = devices.get(device, {"gemv": {}})
     entry["gemv"] = dict(sorted({**entry["gemv"], **picks}.items()))
-    entry.update(date=result["date"], command=result["command"])
+    # a run that tunes some shapes keeps the others' picks, so the runs before it stay named
+    earlier = entry.get("earlier_runs", [])
+    if "command" in entry and entry["date"] != result["date"]:
+        earlier.append({"date": entry["date"], "command": entry["command"]})
+    entry.update(date=result["date"], command=result["command"], earlier_runs=earlier)
     devices[device] = entry
     path.write_text(json.dumps({"devices": dict(sorted(devices.items()))}, indent=1) + "\n")
     decode_kernels.load_tuned(path)  # the table it wrote loads

@@ -218,11 +218,13 @@ def test_fused_decode_step_and_engine_match_torch_ops() -> None:
 def test_tuned_table_loads_and_refuses_unknown_configs(tmp_path: Path) -> None:
     """The committed table of in-step tuned block sizes (bench/tune_decode.py) loads, names only
     configs the autotuner could pick for each matmul's width, and a table naming any other
-    config is refused at load. The candidates are pruned by K as the autotuner prunes them."""
+    config is refused at load. The candidates are pruned by K as the autotuner prunes them. The
+    tuner's merge of a run into the table keeps the other picks and names the earlier run."""
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"devices": {"GPU X": {"gemv": {
         "N768_K768_float": {"BLOCK_N": 3, "BLOCK_K": 64, "num_warps": 4}}}}}))
     out = run_interpreted(f"""
+        import json
         from pathlib import Path
         import decode_kernels as dk
 
@@ -248,6 +250,19 @@ def test_tuned_table_loads_and_refuses_unknown_configs(tmp_path: Path) -> None:
         else:
             raise AssertionError("a config the kernel doesn't have was accepted")
         assert dk.load_tuned(Path({str(tmp_path / "absent.json")!r})) == {{}}
+        # the tuner merges one run's picks into the table: the other picks and GPUs stay, and
+        # the entry names the run before it
+        import sys
+        sys.path.insert(0, "bench")
+        from tune_decode import write_table
+        device = next(iter(table))
+        key, pick = "N768_K768_int8_residual", dk.gemv_candidates(768)[-1]
+        merged = Path({str(tmp_path / "merged.json")!r})
+        write_table(merged, device, {{key: pick}}, {{"date": "2031-01-01", "command": "python tune"}})
+        entry = json.loads(merged.read_text())["devices"][device]
+        assert entry["gemv"][key] == pick and entry["command"] == "python tune", entry
+        assert len(entry["gemv"]) >= len(table[device]) and entry["earlier_runs"][-1]["command"] != "python tune"
+        assert dk.load_tuned(merged)[device][key] == pick
         print("entries", entries)
     """)
     assert int(out.split()[-1]) >= 5
