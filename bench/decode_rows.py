@@ -28,50 +28,33 @@ import decode_kernels  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from quantization import quantize_model  # noqa: E402
 
-from decode_kernels_bench import graph_us  # noqa: E402  (bench/, the script's own folder)
-from tune_decode import SHAPES  # noqa: E402
-
-STEPS_PER_GRAPH = 10
+from tune_decode import SHAPES, STEPS_PER_GRAPH, decode_inputs, step_us  # noqa: E402  (bench/, the script's own folder)
 
 
-def step_us(model: GPT, batch: int, replays: int) -> float:
-    cfg = model.config
-    D = cfg.n_embd // cfg.n_head
-    cache = torch.randn(cfg.n_layer, 2, batch, cfg.n_head, 257, D, device="cuda", dtype=torch.bfloat16)
-    tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
-    pos = torch.full((batch,), 100, device="cuda")
-    with torch.no_grad():
-        return graph_us(lambda i: model.decode_step(tokens, pos, cache, 128, write_kv=True),
-                        calls=STEPS_PER_GRAPH, replays=replays)
-
-
-def use(kernel_rows: int, one_row: str) -> None:
-    """Matmuls up to kernel_rows rows (float and int8) on the kernels; one_row: the one-row kernel."""
-    decode_kernels.KERNEL_ROWS = decode_kernels.INT8_KERNEL_ROWS = kernel_rows
+def use(kernel_rows: int, int8_kernel_rows: int, one_row: str) -> None:
+    """Matmuls up to kernel_rows rows (int8: int8_kernel_rows) on the kernels; one_row: the one-row kernel."""
+    decode_kernels.KERNEL_ROWS, decode_kernels.INT8_KERNEL_ROWS = kernel_rows, int8_kernel_rows
     decode_kernels.ONE_ROW = one_row
 
 
 def logits(model: GPT, batch: int) -> torch.Tensor:
-    cfg = model.config
-    D = cfg.n_embd // cfg.n_head
-    gen = torch.Generator("cuda").manual_seed(batch)
-    cache = torch.randn(cfg.n_layer, 2, batch, cfg.n_head, 257, D, device="cuda", generator=gen).bfloat16()
-    tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda", generator=gen)
+    tokens, pos, cache = decode_inputs(model, batch, torch.Generator("cuda").manual_seed(batch))
     with torch.no_grad():
-        return model.decode_step(tokens, torch.full((batch,), 100, device="cuda"), cache, 128,
-                                 write_kv=True)[0].float()
+        return model.decode_step(tokens, pos, cache, 128, write_kv=True)[0].float()
 
 
 def measure(model: GPT, batches: list[int], replays: int) -> list[dict]:
     rows = []
+    defaults = decode_kernels.KERNEL_ROWS, decode_kernels.INT8_KERNEL_ROWS, decode_kernels.ONE_ROW
+    small, large = decode_kernels.MAX_ROWS, max(batches)
     for batch in batches:
         row = {"batch": batch}
-        variants = [("cublas", decode_kernels.MAX_ROWS, "gemv"), ("kernels", max(batches), "gemv")]
+        variants = [("cublas", small, small, "gemv"), ("kernels", large, large, "gemv")]
         if batch == 1:  # both equal at one row; the one-row kernel choice instead
-            variants = [("gemv", 1, "gemv"), ("one_row_dot", 1, "dot")]
-        for name, kernel_rows, one_row in variants * 2:
-            use(kernel_rows, one_row)
-            row.setdefault(f"{name}_us", []).append(step_us(model, batch, replays))
+            variants = [("gemv", 1, 1, "gemv"), ("one_row_dot", 1, 1, "dot")]
+        for name, *setting in variants * 2:
+            use(*setting)
+            row.setdefault(f"{name}_us", []).append(step_us(model, *decode_inputs(model, batch), replays))
         for name, *_ in variants:
             row[f"{name}_us_min"] = min(row[f"{name}_us"])
         first, second = variants[0][0], variants[1][0]
@@ -82,8 +65,7 @@ def measure(model: GPT, batches: list[int], replays: int) -> list[dict]:
         row["logits_rel_err"] = round(((logits(model, batch) - want).abs().max() / want.abs().max()).item(), 5)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    use(decode_kernels.MAX_ROWS, "gemv")
-    decode_kernels.INT8_KERNEL_ROWS = 256
+    use(*defaults)
     return rows
 
 

@@ -39,6 +39,18 @@ SHAPES = {"124M": (12, 12, 768), "355M": (24, 16, 1024), "774M": (36, 20, 1280)}
 STEPS_PER_GRAPH = 10
 
 
+def decode_inputs(model: GPT, batch: int, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, pos, cache) for `batch` rows of model's decode step, every row 100 positions in
+    a random bf16 cache of 257 positions."""
+    cfg = model.config
+    D = cfg.n_embd // cfg.n_head
+    cache = torch.randn(cfg.n_layer, 2, batch, cfg.n_head, 257, D, device="cuda", dtype=torch.bfloat16,
+                        generator=generator)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), device="cuda", generator=generator)
+    return tokens, torch.full((batch,), 100, device="cuda"), cache
+
+
 def step_us(model: GPT, tokens: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, replays: int) -> float:
     """GPU microseconds per decode step, STEPS_PER_GRAPH steps captured in one graph (the
     first, outside the capture, compiles a config not yet used)."""
@@ -60,11 +72,7 @@ def autotuned_picks() -> dict[str, dict[str, int]]:
 
 
 def tune(name: str, weights: str, model: GPT, args: argparse.Namespace) -> dict:
-    cfg = model.config
-    D = cfg.n_embd // cfg.n_head
-    cache = torch.randn(cfg.n_layer, 2, 1, cfg.n_head, 257, D, device="cuda", dtype=torch.bfloat16)
-    tokens = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
-    pos = torch.full((1,), 100, device="cuda")
+    tokens, pos, cache = decode_inputs(model, 1)
     table = decode_kernels.tuned_table(tokens.device)
     table.clear()
     decode_kernels._gemv_kernel.cache.clear()
