@@ -89,6 +89,13 @@ def main() -> None:
                     help="engine decode_steps, for the engine measured here and the server")
     ap.add_argument("--prefill-wait-steps", type=int, default=4,
                     help="the server's PREFILL_WAIT_STEPS (prompts gather for a shared prefill)")
+    ap.add_argument("--requests-per-level", type=int, default=3000,
+                    help="server sweep: each level stops after this many requests or --level-seconds")
+    ap.add_argument("--level-seconds", type=float, default=12.0)
+    ap.add_argument("--steady-clients", type=int, default=0,
+                    help="server: after the sweep, one long level at this many clients (--steady-requests), "
+                         "so ramp-up and drain weigh less than in a 3,000-request level")
+    ap.add_argument("--steady-requests", type=int, default=20_000)
     ap.add_argument("--rates", default="",
                     help="server: open-loop levels after the sweep, offered req/s (Poisson), e.g. 500,1000,2000")
     ap.add_argument("--server-only", action="store_true",
@@ -219,6 +226,13 @@ def check_targets(result: dict) -> dict:
                               "req_per_s": row["req_per_s"], "p95_ms": row["p95_ms"], "errors": row["errors"],
                               "met": row["req_per_s"] >= TARGETS["req_per_s_at_128_min"]
                               and row["p95_ms"] <= TARGETS["p95_ms_at_128_max"] and row["errors"] == 0}
+    steady = next(iter(result.get("steady", [])), None)
+    if steady is not None and steady["clients"] == 128:  # the same target over a longer level, for reference
+        out["clients_128_steady"] = {"requests": steady["requests"], "duration_s": steady["duration_s"],
+                                     "req_per_s": steady["req_per_s"], "p95_ms": steady["p95_ms"],
+                                     "errors": steady["errors"],
+                                     "met": steady["req_per_s"] >= TARGETS["req_per_s_at_128_min"]
+                                     and steady["p95_ms"] <= TARGETS["p95_ms_at_128_max"] and steady["errors"] == 0}
     big = next((r for r in result.get("engine_batch", []) if r["batch"] == 256), None)
     if big is not None:
         out["engine_batch_256_tokens_per_s"] = {"target_min": TARGETS["engine_tokens_per_s_at_256_min"],
@@ -277,11 +291,15 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
         sweep = []
         for clients in (int(c) for c in args.clients.split(",") if c.strip()):
             row = benchmark_api.run_sweep(url, [clients], max_tokens=args.new_tokens,
-                                          requests_per_level=3000, duration_s=12, progress=False,
+                                          requests_per_level=args.requests_per_level,
+                                          duration_s=args.level_seconds, progress=False,
                                           prompts=prompts, processes=args.load_processes)[0]
             sweep.append(row)
             # each level as it ends: a run stopped at a time limit still leaves what it measured
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(sweep, indent=2) + "\n")
+        steady = benchmark_api.run_sweep(url, [args.steady_clients], max_tokens=args.new_tokens,
+                                         requests_per_level=args.steady_requests, duration_s=60, progress=False,
+                                         prompts=prompts, processes=args.load_processes) if args.steady_clients else []
         # open loop (Poisson arrivals): the latency at a given request rate, without the bursts
         # of closed-loop clients that fall into step; over the load processes, as one process
         # falls behind its own schedule past ~1,000 req/s
@@ -289,7 +307,7 @@ def run_server_bench(model: GPT, args, device: str) -> dict:
         open_loop = benchmark_api.run_sweep(url, rates=rates, max_tokens=args.new_tokens,
                                             requests_per_level=40_000, duration_s=10, progress=False,
                                             prompts=prompts, processes=args.load_processes) if rates else []
-        return {"server_single": single, "concurrency": sweep, "open_loop": open_loop,
+        return {"server_single": single, "concurrency": sweep, "steady": steady, "open_loop": open_loop,
                 "single_stream_p50_ms_server": single[0]["p50_ms"],
                 "server_http_workers": args.http_workers, "load_processes": args.load_processes,
                 "server_decode_steps": args.decode_steps, "server_prefill_wait_steps": args.prefill_wait_steps}

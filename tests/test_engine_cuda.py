@@ -57,8 +57,9 @@ def test_bf16_engine_runs_at_full_batch(model):
 
 
 def test_int8_weight_only_kernel_matches_plain_formula_and_serves(model):
-    """bf16 int8-weight-only: the Triton kernel (1-16 rows) against the plain formula, and the
-    compiled engine serving the quantized model through it."""
+    """bf16 int8-weight-only: the Triton kernels (the 16-row tile up to 16 rows, the row-tiled
+    kernel above, up to INT8_KERNEL_ROWS) against the plain formula, and the compiled engine
+    serving the quantized model through them at batches on both sides of 16 rows."""
     import decode_kernels
     from quantization import WeightOnlyInt8Linear, quantize_model, set_int8_kernel
     qmodel, _ = quantize_model(model.cpu().float(), "int8-weight-only")
@@ -66,18 +67,21 @@ def test_int8_weight_only_kernel_matches_plain_formula_and_serves(model):
     qmodel = qmodel.cuda().to(torch.bfloat16).eval()
     assert decode_kernels.available() and set_int8_kernel(qmodel, True) > 0
     lin = next(m for m in qmodel.modules() if isinstance(m, WeightOnlyInt8Linear))
-    for rows in (1, 5, 16):
+    assert decode_kernels.INT8_KERNEL_ROWS >= 256
+    for rows in (1, 5, 16, 17, 40, 100, 256):
         x = torch.randn(rows, lin.in_features, device="cuda", dtype=torch.bfloat16)
+        assert decode_kernels.on_kernels(x, lin), rows
         plain = (x.float() @ lin.qweight.float().T) * lin.scales.float() + lin.bias.float()
         err = ((lin(x).float() - plain).abs().max() / plain.abs().max()).item()
         assert err < 2e-2, (rows, err)
-    engine = Engine(qmodel, max_batch=8, compile=True)
+    engine = Engine(qmodel, max_batch=48, compile=True)
     engine.warmup(64)
     prompt = [5, 6, 7, 8]
     with torch.no_grad():
         logits, _ = qmodel(torch.tensor([prompt], device="cuda"))
-    out = engine.generate_batch([prompt] * 3, SamplingParams(max_tokens=20))
-    assert all(len(o) == 20 for o in out) and out[0][0] == int(logits[0, -1].argmax())
+    for batch in (3, 40):  # decode rows on the 16-row tile, then on the row-tiled kernel
+        out = engine.generate_batch([prompt] * batch, SamplingParams(max_tokens=20))
+        assert all(len(o) == 20 for o in out) and out[0][0] == int(logits[0, -1].argmax())
 
 
 def test_bf16_decode_kernels_match_torch_ops(model):
