@@ -88,10 +88,20 @@ if PDL not in ("auto", "0", "1"):
     raise ValueError(f"DECODE_PDL must be auto, 0 or 1, got {PDL!r}")
 # How the one-row kernel turns int8 weights into fp32 in registers. "bits" (default): through
 # their bit pattern, with full-rate integer and float ops (_weight_fp32); "cvt": the
-# int-to-float conversion instruction, which Hopper runs at a quarter of the FMA rate.
+# int-to-float conversion instruction, which Hopper runs at a quarter of the FMA rate; "half":
+# two weights per instruction through fp16, in inline PTX. In the compiled sm_90 K loop
+# (bench/int8_convert_sass.py, no GPU) "half" issues 4.82 instructions per weight against
+# "bits" 5.84 (bf16: 3.98 per weight, 1.99 per byte); not yet timed or run on a GPU, so opt-in.
 INT8_CONVERT = os.environ.get("DECODE_INT8_CONVERT", "bits")
-if INT8_CONVERT not in ("bits", "cvt"):
-    raise ValueError(f"DECODE_INT8_CONVERT must be bits or cvt, got {INT8_CONVERT!r}")
+if INT8_CONVERT not in ("bits", "cvt", "half"):
+    raise ValueError(f"DECODE_INT8_CONVERT must be bits, cvt or half, got {INT8_CONVERT!r}")
+CVT, BITS, HALF, HALF_OPS = 0, 1, 2, 3  # _weight_fp32's INT8_BITS
+
+
+def int8_convert_mode(convert: str) -> int:
+    """INT8_BITS for an INT8_CONVERT name; the interpreter can't run PTX, so "half" runs
+    there as the same arithmetic in plain ops."""
+    return {"cvt": CVT, "bits": BITS, "half": HALF_OPS if INTERPRET else HALF}[convert]
 
 
 # The one-row kernel's block sizes tuned inside a whole captured decode step, per GPU model
@@ -146,14 +156,41 @@ if triton is not None:
                                          (64, 32, 128, 4, 4), (64, 64, 64, 4, 4), (64, 64, 128, 8, 3),
                                          (64, 128, 64, 8, 3), (128, 64, 64, 8, 3))]
     _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "KV_OUT", "USE_PDL"]
+    _BITS, _HALF, _HALF_OPS = tl.constexpr(BITS), tl.constexpr(HALF), tl.constexpr(HALF_OPS)  # for the kernels
 
     @triton.jit
     def _weight_fp32(w, INT8_BITS: tl.constexpr):
-        """A weight tile in fp32. An int8 w with INT8_BITS goes through its bits: w + 128 as
-        the low byte of the float 2^23 is exactly the float 2^23 + w + 128, so an xor, an or
-        and a subtraction replace the int-to-float conversion (quarter rate on Hopper). The
-        tl.dot kernel needs none of this: Triton converts int8 to bf16 without it."""
-        if INT8_BITS:
+        """A weight tile in fp32 (INT8_BITS: the int8 conversion, see INT8_CONVERT).
+        BITS: w + 128 as the low byte of the float 2^23 is exactly the float 2^23 + w + 128, so
+        an xor, an or and a subtraction replace the int-to-float conversion (quarter rate on
+        Hopper). HALF: the same through fp16 (w + 128 as the low byte of the half 1024 is
+        1024 + w + 128, exact), which packs two weights per instruction: per four weights one
+        xor, two byte permutes and two f16x2 subtractions in PTX, then four half-to-float
+        conversions (HALF_OPS: the same arithmetic in plain ops, what the interpreter runs).
+        The tl.dot kernel needs none of this: Triton converts int8 to bf16 without it."""
+        if INT8_BITS == _HALF:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, lo, hi, c;
+                .reg .b16 h0, h1, h2, h3;
+                xor.b32 t, $4, 0x80808080;
+                prmt.b32 lo, t, 0x64646464, 0x4140;
+                prmt.b32 hi, t, 0x64646464, 0x4342;
+                mov.b32 c, 0x64806480;
+                sub.rn.f16x2 lo, lo, c;
+                sub.rn.f16x2 hi, hi, c;
+                mov.b32 {h0, h1}, lo;
+                mov.b32 {h2, h3}, hi;
+                cvt.f32.f16 $0, h0;
+                cvt.f32.f16 $1, h1;
+                cvt.f32.f16 $2, h2;
+                cvt.f32.f16 $3, h3;
+                }""",
+                constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+        elif INT8_BITS == _HALF_OPS:
+            half = (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400
+            return (half.to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
+        elif INT8_BITS == _BITS:
             bits = (w.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000
             return bits.to(tl.float32, bitcast=True) - 8388736.0
         else:
@@ -510,7 +547,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta.get("BLOCK_M", M)))  # noqa: E731
     pdl = _use_pdl(x, M)
     if M == 1 and ONE_ROW == "gemv":
-        bits = scales is not None and INT8_CONVERT == "bits"
+        bits = int8_convert_mode(INT8_CONVERT) if scales is not None else CVT
         kernel = _gemv_kernel
         if not INTERPRET and USE_TUNED:
             key = gemv_key(N, K, int8=scales is not None, ln=ln_weight is not None, gelu=gelu,

@@ -62,11 +62,12 @@ def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
                 want = F.layer_norm(x.float(), (k,), g) @ w.T
                 assert ((y.float() - want).abs().max() / want.abs().max()).item() < tol
                 cases += 1
-        # every int8 value, -128 included, through the one-row kernel's bits and through its
-        # conversion instruction (DECODE_INT8_CONVERT=cvt)
+        # every int8 value, -128 included, through the one-row kernel's bits, its conversion
+        # instruction (DECODE_INT8_CONVERT=cvt) and fp16 (half: its plain-ops twin here)
         every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).view(4, 64)
         x, ones = torch.randn(1, 64), torch.ones(4)
-        for convert in ("bits", "cvt"):
+        assert dk.int8_convert_mode("half") == dk.HALF_OPS  # the interpreter can't run PTX
+        for convert in ("bits", "cvt", "half"):
             dk.INT8_CONVERT = convert
             assert torch.allclose(dk.linear(x, every, scales=ones), x @ every.float().T, atol=1e-4), convert
         # the custom ops inside a compiled function with a dynamic row count (the engine's case)
@@ -274,42 +275,39 @@ def test_kernels_compile_for_hopper() -> None:
     refuses (a loop variable changing shape, say). One build per weight dtype, with the
     epilogues and the PDL wait the model uses."""
     out = run_interpreted("""
-        import os
         import re
-        os.environ.pop("TRITON_INTERPRET")  # compiling, not interpreting (read at triton import)
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
+        import sys
+        sys.path.insert(0, "bench")
+        # compiles for sm_90 (it unsets TRITON_INTERPRET before triton is imported)
+        from int8_convert_sass import build, loop_instructions
         import decode_kernels as dk
-
-        def build(kernel, pointers, **constexprs):
-            fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the jit function
-            signature = {}
-            for name in fn.arg_names:
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = pointers.get(name, "*bf16")
-                else:
-                    signature[name] = "fp32" if name in ("eps", "scale") else "i32"
-            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
         flags = dict(HAS_BIAS=True, HAS_LN=True, HAS_LN_BIAS=True, GELU=True, HAS_RESIDUAL=True, USE_PDL=True)
         built, int_to_float = [], {}
         floats, ints = {"pos_ptr": "*i64"}, {"pos_ptr": "*i64", "w_ptr": "*i8"}
-        for pointers, scales, bits in ((floats, False, False), (ints, True, True), (ints, True, False)):
-            gemv = build(dk._gemv_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, INT8_BITS=bits, **flags,
+        for pointers, scales, mode in ((floats, False, dk.CVT), (ints, True, dk.BITS), (ints, True, dk.CVT)):
+            gemv = build(dk._gemv_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, INT8_BITS=mode, **flags,
                          **dk._GEMV_CONFIGS[0].kwargs)
             # the weights' int-to-float conversions in PTX (cvt.rn.f32.s16 after cvt.s16.s8)
-            int_to_float[bits] = len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", gemv.asm["ptx"]))
+            int_to_float[mode] = len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", gemv.asm["ptx"]))
+            if scales and mode == dk.BITS:
+                bits_gemv = gemv
             built += [gemv, build(dk._small_mm_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, **flags,
                                   BLOCK_M=16, **dk._SMALL_MM_CONFIGS[0].kwargs),
                       build(dk._mm_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, **flags,
                             **dk._MM_CONFIGS[0].kwargs)]
+        # DECODE_INT8_CONVERT=half: its inline PTX assembles, with packed fp16 subtractions and
+        # no int-to-float conversion
+        half = build(dk._gemv_kernel, ints, KV_OUT=True, HAS_SCALES=True, INT8_BITS=dk.HALF, **flags,
+                     **dk._GEMV_CONFIGS[0].kwargs)
+        int_to_float[dk.HALF] = len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", half.asm["ptx"]))
+        assert "sub.rn.f16x2" in half.asm["ptx"] and "prmt.b32" in half.asm["ptx"]
+        # ... and fewer instructions in its K loop than the bits conversion (int8_convert_sass.json)
+        assert sum(loop_instructions(half).values()) < sum(loop_instructions(bits_gemv).values())
+        built.append(half)
         built.append(build(dk._attention_kernel, {"pos_ptr": "*i64"}, D=64, BLOCK_T=128, USE_PDL=True))
         assert all(k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"] for k in built)
-        assert int_to_float[True] == 0 < int_to_float[False], int_to_float  # INT8_BITS removes them
+        assert int_to_float[dk.BITS] == int_to_float[dk.HALF] == 0 < int_to_float[dk.CVT], int_to_float
         print("built", len(built))
     """)
-    assert "built 10" in out
+    assert "built 11" in out

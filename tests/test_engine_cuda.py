@@ -74,6 +74,18 @@ def test_int8_weight_only_kernel_matches_plain_formula_and_serves(model):
         plain = (x.float() @ lin.qweight.float().T) * lin.scales.float() + lin.bias.float()
         err = ((lin(x).float() - plain).abs().max() / plain.abs().max()).item()
         assert err < 2e-2, (rows, err)
+    # one row through each int8 conversion; half's inline PTX runs only here (not in the interpreter)
+    every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).view(4, 64).cuda()
+    x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
+    ones = torch.ones(4, device="cuda", dtype=torch.bfloat16)
+    before = decode_kernels.INT8_CONVERT
+    try:
+        for convert in ("bits", "cvt", "half"):
+            decode_kernels.INT8_CONVERT = convert
+            got = decode_kernels.linear(x, every, scales=ones).float()
+            assert torch.allclose(got, x.float() @ every.float().T, rtol=1e-2, atol=1e-2), convert
+    finally:
+        decode_kernels.INT8_CONVERT = before
     engine = Engine(qmodel, max_batch=48, compile=True)
     engine.warmup(64)
     prompt = [5, 6, 7, 8]
