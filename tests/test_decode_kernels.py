@@ -284,12 +284,15 @@ def test_kernels_compile_for_hopper() -> None:
 
         flags = dict(HAS_BIAS=True, HAS_LN=True, HAS_LN_BIAS=True, GELU=True, HAS_RESIDUAL=True, USE_PDL=True)
         built, int_to_float = [], {}
+
+        def int_to_float_count(kernel):  # the weights' int-to-float conversions in PTX (cvt.rn.f32.s16 ...)
+            return len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", kernel.asm["ptx"]))
+
         floats, ints = {"pos_ptr": "*i64"}, {"pos_ptr": "*i64", "w_ptr": "*i8"}
         for pointers, scales, mode in ((floats, False, dk.CVT), (ints, True, dk.BITS), (ints, True, dk.CVT)):
             gemv = build(dk._gemv_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, INT8_BITS=mode, **flags,
                          **dk._GEMV_CONFIGS[0].kwargs)
-            # the weights' int-to-float conversions in PTX (cvt.rn.f32.s16 after cvt.s16.s8)
-            int_to_float[mode] = len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", gemv.asm["ptx"]))
+            int_to_float[mode] = int_to_float_count(gemv)
             if scales and mode == dk.BITS:
                 bits_gemv = gemv
             built += [gemv, build(dk._small_mm_kernel, pointers, KV_OUT=True, HAS_SCALES=scales, **flags,
@@ -300,7 +303,7 @@ def test_kernels_compile_for_hopper() -> None:
         # no int-to-float conversion
         half = build(dk._gemv_kernel, ints, KV_OUT=True, HAS_SCALES=True, INT8_BITS=dk.HALF, **flags,
                      **dk._GEMV_CONFIGS[0].kwargs)
-        int_to_float[dk.HALF] = len(re.findall(r"cvt[.]rn[.]f32[.]s(8|16)", half.asm["ptx"]))
+        int_to_float[dk.HALF] = int_to_float_count(half)
         assert "sub.rn.f16x2" in half.asm["ptx"] and "prmt.b32" in half.asm["ptx"]
         # ... and fewer instructions in its K loop than the bits conversion (int8_convert_sass.json)
         assert sum(loop_instructions(half).values()) < sum(loop_instructions(bits_gemv).values())
