@@ -13,6 +13,7 @@ and LayerNorms, under 0.2 %, left out).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -60,11 +61,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("tuning_json", help="a bench/tune_decode.py result")
     ap.add_argument("--target", type=float, default=1.3, help="int8 over bf16 step speedup")
+    ap.add_argument("--out", default=None, help="also write the report here (JSON)")
     args = ap.parse_args()
     result = json.loads(Path(args.tuning_json).read_text())
     step_us = {(r["shape"], r["weights"]): min(r["tuned_us_per_step"]) for r in result["rows"] if r["batch"] == 1}
-    print(json.dumps({"source": args.tuning_json, "device": result["device"], "date": result["date"],
-                      **fit(step_us, args.target)}, indent=1))
+    report = {"command": "python " + " ".join(sys.argv), "computed": dt.date.today().isoformat(),
+              "source": args.tuning_json, "device": result["device"], "date": result["date"],
+              **fit(step_us, args.target),
+              "notes": ["A fit over a GPU run's step times, computed on any machine: no new GPU measurement. "
+                        "device and date are the tuning run's.",
+                        "int8_tb_per_s: the rate int8 weights stream at, the fixed cost per layer held; "
+                        "int8_tb_per_s_for_target: the rate the target speedup needs."]}
+    text = json.dumps(report, indent=1) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text, end="")
 
 
 if __name__ == "__main__":

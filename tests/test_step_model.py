@@ -42,8 +42,10 @@ def test_fit_needs_two_shapes_and_the_script_reads_a_tuning_result(tmp_path: Pat
         {"shape": s, "weights": w, "batch": 1, "tuned_us_per_step": [t + 3.0, t]} for (s, w), t in times.items()]}
     path = tmp_path / "tuning.json"
     path.write_text(json.dumps(result))
-    out = subprocess.run([sys.executable, "bench/step_model.py", str(path)], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    written = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "bench/step_model.py", str(path), "--out", str(written)],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent).stdout
     report = json.loads(out)
+    assert json.loads(written.read_text()) == report and str(path) in report["command"]
     assert report["device"] == "GPU X" and report["fixed_us_per_layer"] == pytest.approx(5.0, abs=0.01)
     assert [r["int8_tb_per_s"] for r in report["shapes"]] == pytest.approx([1.2] * 3, abs=0.01)
