@@ -86,13 +86,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PDL = os.environ.get("DECODE_PDL", "auto")
 if PDL not in ("auto", "0", "1"):
     raise ValueError(f"DECODE_PDL must be auto, 0 or 1, got {PDL!r}")
-# How the one-row kernel turns int8 weights into fp32 in registers. "bits" (default): through
-# their bit pattern, with full-rate integer and float ops (_weight_fp32); "cvt": the
-# int-to-float conversion instruction, which Hopper runs at a quarter of the FMA rate; "half":
-# two weights per instruction through fp16, in inline PTX. In the compiled sm_90 K loop
-# (bench/int8_convert_sass.py, no GPU) "half" issues 4.82 instructions per weight against
-# "bits" 5.84 (bf16: 3.98 per weight, 1.99 per byte); not yet timed or run on a GPU, so opt-in.
-INT8_CONVERT = os.environ.get("DECODE_INT8_CONVERT", "bits")
+# How the one-row kernel turns int8 weights into fp32 in registers. "half" (default): two
+# weights per instruction through fp16, in inline PTX; "bits": through their bit pattern, with
+# full-rate integer and float ops (_weight_fp32); "cvt": the int-to-float conversion
+# instruction, which Hopper runs at a quarter of the FMA rate. In the compiled sm_90 K loop
+# (bench/int8_convert_sass.py) "half" issues 4.82 instructions per weight against "bits" 5.84
+# (bf16: 3.98 per weight, 1.99 per byte); on an H100 it took a tuned int8 batch-1 step from
+# 383 to 348 us (355M) and 716 to 689 us (774M) (bench/results/int8_convert_h100.json).
+INT8_CONVERT = os.environ.get("DECODE_INT8_CONVERT", "half")
 if INT8_CONVERT not in ("bits", "cvt", "half"):
     raise ValueError(f"DECODE_INT8_CONVERT must be bits, cvt or half, got {INT8_CONVERT!r}")
 CVT, BITS, HALF, HALF_OPS = 0, 1, 2, 3  # _weight_fp32's INT8_BITS
