@@ -17,7 +17,8 @@ decode_variants_triton_h200.json):
 
 Why int8 needs its own kernel too: in the compiled step (dynamic batch size) Inductor turned
 `F.linear(x, q.to(bf16)) * scales` into a kernel that writes the whole weight in bf16 and
-cuBLAS's GEMV that reads it back, more bytes than bf16 (bench/results/quantization_h100.json).
+cuBLAS's GEMV that reads it back, more bytes than bf16 (bench/results/quantization_h100.json,
+previous_run_2026_11_25).
 
 They are custom ops (`code_assistant::decode_linear`, `decode_qkv`, which declares that it
 writes the cache, and `decode_attention`), so torch.compile keeps each as one opaque call in
@@ -35,8 +36,7 @@ q, k and v columns counted in with an atomic and ran that head's attention): 54 
 step instead of 66, but 233 against 213 us on an H100, the heads' attention serialised at the
 kernel's tail (bench/results/decode_variants_attend_h100.json, code of commit f619460).
 And one row on the tensor cores (the 16-row tl.dot tile, 15 rows masked, DECODE_ONE_ROW=dot):
-0.51-0.74x of the GEMV's step, worst for int8 (bench/decode_rows.py on an H100, 2026-12-05;
-that run's JSON was lost with its machine, the numbers are in the README).
+0.52-0.68x of the GEMV's step, worst for int8 (bench/results/decode_rows_h100.json).
 
 Without Triton (the CPU build of torch) `available()` is False and callers use torch ops;
 the tests run the kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1),
@@ -62,7 +62,7 @@ MAX_ROWS = 16  # rows of one tl.dot tile: the small kernel's limit
 # Up to KERNEL_ROWS rows (INT8_KERNEL_ROWS for int8 weights) the matmuls run here, above on
 # cuBLAS (int8: quantization.int8_linear). From 17 rows the kernel tiles M as well (_MM_CONFIGS,
 # autotuned per row count: the engine's batch buckets are powers of two). Measured on an H100
-# (bench/decode_rows.py, 2026-12-05, step at 32-256 rows; README): bf16 0.80-0.92x of cuBLAS's step
+# (bench/results/decode_rows_h100.json, step at 32-256 rows): bf16 0.78-0.92x of cuBLAS's step
 # (its split-K keeps 132 SMs busy on these small matmuls, with separate LayerNorm, GELU and
 # residual kernels), so bf16 stays there; int8 1.3-1.9x of int8_linear's (which writes the
 # weight in bf16 for cuBLAS to read back). DECODE_KERNEL_ROWS / DECODE_INT8_KERNEL_ROWS override.

@@ -82,7 +82,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (rows per step)")
     ax.set_ylabel("GPU us per decode step")
-    ax.set_title(f"decode step above 16 rows: fused kernels vs cuBLAS ({result['device']})")
+    ax.set_title(f"decode step above 16 rows: fused kernels vs cuBLAS\n{result['device']}", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

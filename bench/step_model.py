@@ -1,6 +1,6 @@
 """Where a batch-1 decode step's time goes: a fixed cost per layer against weight bytes streamed.
 
-    python bench/step_model.py bench/results/decode_tuning_h100.json
+    python bench/step_model.py bench/results/decode_tuning_h100.json [more tuning runs...]
 
 From tune_decode.py's step times (tuned, fastest of the repeats) of several GPT-2 shapes, fit
 the bf16 steps as  t = a * n_layer + bytes / bandwidth  (least squares over the shapes): a is
@@ -59,17 +59,24 @@ def fit(step_us: dict[tuple[str, str], float], target: float = 1.3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("tuning_json", help="a bench/tune_decode.py result")
+    ap.add_argument("tuning_json", nargs="+",
+                    help="bench/tune_decode.py results; a later file's (shape, weights) replaces an earlier one's")
     ap.add_argument("--target", type=float, default=1.3, help="int8 over bf16 step speedup")
     ap.add_argument("--out", default=None, help="also write the report here (JSON)")
     args = ap.parse_args()
-    result = json.loads(Path(args.tuning_json).read_text())
-    step_us = {(r["shape"], r["weights"]): min(r["tuned_us_per_step"]) for r in result["rows"] if r["batch"] == 1}
+    results = [json.loads(Path(path).read_text()) for path in args.tuning_json]
+    step_us, measured = {}, {}
+    for path, result in zip(args.tuning_json, results):
+        for r in result["rows"]:
+            if r["batch"] == 1:
+                step_us[(r["shape"], r["weights"])] = min(r["tuned_us_per_step"])
+                measured[f'{r["shape"]} {r["weights"]}'] = {"source": path, "device": result["device"],
+                                                              "date": result["date"]}
     report = {"command": "python " + " ".join(sys.argv), "computed": dt.date.today().isoformat(),
-              "source": args.tuning_json, "device": result["device"], "date": result["date"],
-              **fit(step_us, args.target),
-              "notes": ["A fit over a GPU run's step times, computed on any machine: no new GPU measurement. "
-                        "device and date are the tuning run's.",
+              "source": " ".join(args.tuning_json), "device": results[-1]["device"], "date": results[-1]["date"],
+              "measured": measured, **fit(step_us, args.target),
+              "notes": ["A fit over GPU runs' step times, computed on any machine: no new GPU measurement. "
+                        "device and date are the last tuning run's; measured says which run gave each step time.",
                         "int8_tb_per_s: the rate int8 weights stream at, the fixed cost per layer held; "
                         "int8_tb_per_s_for_target: the rate the target speedup needs."]}
     text = json.dumps(report, indent=1) + "\n"

@@ -49,3 +49,20 @@ def test_fit_needs_two_shapes_and_the_script_reads_a_tuning_result(tmp_path: Pat
     assert json.loads(written.read_text()) == report and str(path) in report["command"]
     assert report["device"] == "GPU X" and report["fixed_us_per_layer"] == pytest.approx(5.0, abs=0.01)
     assert [r["int8_tb_per_s"] for r in report["shapes"]] == pytest.approx([1.2] * 3, abs=0.01)
+
+
+def test_a_later_tuning_run_replaces_an_earlier_ones_steps(tmp_path: Path) -> None:
+    """bf16 from one run, int8 from a later one (a retune of int8 alone): the later steps win."""
+    old, new = synthetic(a=5.0, bf16_tb_s=2.0, int8_tb_s=1.2), synthetic(a=5.0, bf16_tb_s=2.0, int8_tb_s=1.6)
+    paths = []
+    for name, times, weights in (("old", old, ("bf16", "int8")), ("new", new, ("int8",))):
+        rows = [{"shape": s, "weights": w, "batch": 1, "tuned_us_per_step": [t]}
+                for (s, w), t in times.items() if w in weights]
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"device": f"GPU {name}", "date": name, "rows": rows}))
+    out = subprocess.run([sys.executable, "bench/step_model.py", *map(str, paths)], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    report = json.loads(out)
+    assert [r["int8_tb_per_s"] for r in report["shapes"]] == pytest.approx([1.6] * 3, abs=0.01)
+    assert report["measured"]["355M bf16"]["source"] == str(paths[0])
+    assert report["measured"]["355M int8"]["source"] == str(paths[1]) and report["device"] == "GPU new"
