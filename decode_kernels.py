@@ -93,16 +93,22 @@ if PDL not in ("auto", "0", "1"):
 # (bench/int8_convert_sass.py) "half" issues 4.82 instructions per weight against "bits" 5.84
 # (bf16: 3.98 per weight, 1.99 per byte); on an H100 it took a tuned int8 batch-1 step from
 # 383 to 348 us (355M) and 716 to 689 us (774M) (bench/results/int8_convert_h100.json).
+# "half_offset": "half" without its two f16x2 subtractions per four weights; the products
+# keep the weights' offset of 1152 and the kernel takes 1152 * sum(x) off once per output.
+# Not yet timed on a GPU, so opt-in.
+INT8_CONVERTS = ("half", "bits", "cvt", "half_offset")
 INT8_CONVERT = os.environ.get("DECODE_INT8_CONVERT", "half")
-if INT8_CONVERT not in ("bits", "cvt", "half"):
-    raise ValueError(f"DECODE_INT8_CONVERT must be bits, cvt or half, got {INT8_CONVERT!r}")
-CVT, BITS, HALF, HALF_OPS = 0, 1, 2, 3  # _weight_fp32's INT8_BITS
+if INT8_CONVERT not in INT8_CONVERTS:
+    raise ValueError(f"DECODE_INT8_CONVERT must be one of {', '.join(INT8_CONVERTS)}, got {INT8_CONVERT!r}")
+CVT, BITS, HALF, HALF_OPS, HALF_OFFSET, HALF_OFFSET_OPS = range(6)  # _weight_fp32's INT8_BITS
+HALF_BASE = 1152.0  # fp16 0x6400 | (w ^ 0x80) is 1024 + (w + 128): w + HALF_BASE, exactly
 
 
 def int8_convert_mode(convert: str) -> int:
-    """INT8_BITS for an INT8_CONVERT name; the interpreter can't run PTX, so "half" runs
-    there as the same arithmetic in plain ops."""
-    return {"cvt": CVT, "bits": BITS, "half": HALF_OPS if INTERPRET else HALF}[convert]
+    """INT8_BITS for an INT8_CONVERT name; the interpreter can't run PTX, so "half" and
+    "half_offset" run there as the same arithmetic in plain ops."""
+    return {"cvt": CVT, "bits": BITS, "half": HALF_OPS if INTERPRET else HALF,
+            "half_offset": HALF_OFFSET_OPS if INTERPRET else HALF_OFFSET}[convert]
 
 
 # The one-row kernel's block sizes tuned inside a whole captured decode step, per GPU model
@@ -157,7 +163,10 @@ if triton is not None:
                                          (64, 32, 128, 4, 4), (64, 64, 64, 4, 4), (64, 64, 128, 8, 3),
                                          (64, 128, 64, 8, 3), (128, 64, 64, 8, 3))]
     _KEY = ["N", "K", "HAS_SCALES", "HAS_LN", "GELU", "HAS_RESIDUAL", "KV_OUT", "USE_PDL"]
-    _BITS, _HALF, _HALF_OPS = tl.constexpr(BITS), tl.constexpr(HALF), tl.constexpr(HALF_OPS)  # for the kernels
+    # for the kernels
+    _BITS, _HALF, _HALF_OPS = tl.constexpr(BITS), tl.constexpr(HALF), tl.constexpr(HALF_OPS)
+    _HALF_OFFSET, _HALF_OFFSET_OPS = tl.constexpr(HALF_OFFSET), tl.constexpr(HALF_OFFSET_OPS)
+    _HALF_BASE = tl.constexpr(HALF_BASE)
 
     @triton.jit
     def _weight_fp32(w, INT8_BITS: tl.constexpr):
@@ -168,6 +177,8 @@ if triton is not None:
         1024 + w + 128, exact), which packs two weights per instruction: per four weights one
         xor, two byte permutes and two f16x2 subtractions in PTX, then four half-to-float
         conversions (HALF_OPS: the same arithmetic in plain ops, what the interpreter runs).
+        HALF_OFFSET (and its twin HALF_OFFSET_OPS): HALF without the subtractions, so each
+        value is w + HALF_BASE; the caller takes HALF_BASE * x off the products (_gemv_kernel).
         The tl.dot kernel needs none of this: Triton converts int8 to bf16 without it."""
         if INT8_BITS == _HALF:
             return tl.inline_asm_elementwise(
@@ -188,9 +199,27 @@ if triton is not None:
                 cvt.f32.f16 $3, h3;
                 }""",
                 constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
-        elif INT8_BITS == _HALF_OPS:
-            half = (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400
-            return (half.to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
+        elif INT8_BITS == _HALF_OFFSET:
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, lo, hi;
+                .reg .b16 h0, h1, h2, h3;
+                xor.b32 t, $4, 0x80808080;
+                prmt.b32 lo, t, 0x64646464, 0x4140;
+                prmt.b32 hi, t, 0x64646464, 0x4342;
+                mov.b32 {h0, h1}, lo;
+                mov.b32 {h2, h3}, hi;
+                cvt.f32.f16 $0, h0;
+                cvt.f32.f16 $1, h1;
+                cvt.f32.f16 $2, h2;
+                cvt.f32.f16 $3, h3;
+                }""",
+                constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+        elif INT8_BITS == _HALF_OPS or INT8_BITS == _HALF_OFFSET_OPS:
+            half = ((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+            if INT8_BITS == _HALF_OPS:
+                half = half - _HALF_BASE
+            return half.to(tl.float32)
         elif INT8_BITS == _BITS:
             bits = (w.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000
             return bits.to(tl.float32, bitcast=True) - 8388736.0
@@ -313,6 +342,11 @@ if triton is not None:
         # products summed elementwise, reduced over K once at the end (as in _row_stats)
         x = _load_x(x_ptr, lnw_ptr, lnb_ptr, offs_m, m_mask, offs_k, k_mask, K, mean, rstd, HAS_LN, HAS_LN_BIAS)
         acc = _weight_fp32(w, INT8_BITS) * x  # x (1, BLOCK_K) broadcasts over N
+        # half_offset: the weights come with HALF_BASE added, taken off below as HALF_BASE * x
+        # summed over K (one add per x element, not per weight; fp32 keeps the difference to
+        # ~1e-4 of the output, under bf16's rounding)
+        OFFSET: tl.constexpr = INT8_BITS == _HALF_OFFSET or INT8_BITS == _HALF_OFFSET_OPS
+        x_sum = x
         for k0 in range(BLOCK_K, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
@@ -320,6 +354,10 @@ if triton is not None:
             w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :],
                         mask=n_mask[:, None] & k_mask[None, :], other=0)
             acc += _weight_fp32(w, INT8_BITS) * x
+            if OFFSET:
+                x_sum += x
+        if OFFSET:
+            acc -= _HALF_BASE * x_sum
         y = _epilogue(tl.sum(acc, axis=1)[None, :], scale, bias, residual, y_ptr, offs_m, m_mask, offs_n, n_mask, N,
                       HAS_SCALES, HAS_BIAS, GELU, HAS_RESIDUAL)
         if KV_OUT:

@@ -5,7 +5,7 @@
 Compiles decode_kernels' GEMV through Triton for sm_90 down to a cubin (Triton's own ptxas),
 disassembles it with the nvdisasm Triton ships, and counts the SASS instructions of the K loop
 per weight element, for bf16 weights and for int8 weights through each DECODE_INT8_CONVERT
-(cvt, bits, half). A static count, not a timing: it says how much issue work each weight byte
+(cvt, bits, half, half_offset). A static count, not a timing: it says how much issue work each weight byte
 costs, which bench/step_model.py points at as the int8 step's bound on the H100.
 """
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> None:
     flags = dict(HAS_BIAS=True, HAS_LN=False, HAS_LN_BIAS=False, GELU=False, HAS_RESIDUAL=False, KV_OUT=False,
                  USE_PDL=True)
     variants = {"bf16": ({}, False, dk.CVT), "int8_cvt": ({"w_ptr": "*i8"}, True, dk.CVT),
-                "int8_bits": ({"w_ptr": "*i8"}, True, dk.BITS), "int8_half": ({"w_ptr": "*i8"}, True, dk.HALF)}
+                "int8_bits": ({"w_ptr": "*i8"}, True, dk.BITS), "int8_half": ({"w_ptr": "*i8"}, True, dk.HALF),
+                "int8_half_offset": ({"w_ptr": "*i8"}, True, dk.HALF_OFFSET)}
     rows = []
     for config in dk._GEMV_CONFIGS:
         per_thread = config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"] / (32 * config.num_warps)

@@ -63,13 +63,26 @@ def test_linear_matches_torch_for_every_config_and_epilogue() -> None:
                 assert ((y.float() - want).abs().max() / want.abs().max()).item() < tol
                 cases += 1
         # every int8 value, -128 included, through the one-row kernel's bits, its conversion
-        # instruction (DECODE_INT8_CONVERT=cvt) and fp16 (half: its plain-ops twin here)
+        # instruction (DECODE_INT8_CONVERT=cvt) and fp16 (half, half_offset: their plain-ops
+        # twins here); half_offset over several K blocks and a masked tail too, where the
+        # offset it leaves on the products must come off exactly once per x element
         every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).view(4, 64)
         x, ones = torch.randn(1, 64), torch.ones(4)
-        assert dk.int8_convert_mode("half") == dk.HALF_OPS  # the interpreter can't run PTX
-        for convert in ("bits", "cvt", "half"):
+        long_w = torch.randint(-128, 128, (40, 1040), dtype=torch.int8)
+        long_x, long_s = torch.randn(1, 1040) * 3, torch.rand(40) + 0.5
+        long_want = (long_x @ long_w.float().T) * long_s
+        # the interpreter can't run PTX
+        assert dk.int8_convert_mode("half") == dk.HALF_OPS and dk.int8_convert_mode("half_offset") == dk.HALF_OFFSET_OPS
+        assert set(dk.INT8_CONVERTS) == {"bits", "cvt", "half", "half_offset"}
+        for convert in dk.INT8_CONVERTS:
             dk.INT8_CONVERT = convert
-            assert torch.allclose(dk.linear(x, every, scales=ones), x @ every.float().T, atol=1e-4), convert
+            want = x @ every.float().T
+            err = ((dk.linear(x, every, scales=ones) - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-5, (convert, err)
+            for config in dk.configs(1)[:3]:  # BLOCK_K 256 and 512: 5 and 3 K blocks, the last masked
+                y = dk.linear(long_x, long_w, scales=long_s, config=config)
+                err = ((y - long_want).abs().max() / long_want.abs().max()).item()
+                assert err < 1e-5, (convert, config, err)
         # the custom ops inside a compiled function with a dynamic row count (the engine's case)
         q, s = quantize_int8_per_channel(torch.randn(24, 48))
         f = torch.compile(lambda x, r: dk.linear_op(x, q, None, s, None, None, 1e-5, False, r) + 1,
@@ -307,10 +320,17 @@ def test_kernels_compile_for_hopper() -> None:
         assert "sub.rn.f16x2" in half.asm["ptx"] and "prmt.b32" in half.asm["ptx"]
         # ... and fewer instructions in its K loop than the bits conversion (int8_convert_sass.json)
         assert sum(loop_instructions(half).values()) < sum(loop_instructions(bits_gemv).values())
-        built.append(half)
+        # half_offset: half without its f16x2 subtractions, fewer instructions still
+        offset = build(dk._gemv_kernel, ints, KV_OUT=True, HAS_SCALES=True, INT8_BITS=dk.HALF_OFFSET, **flags,
+                       **dk._GEMV_CONFIGS[0].kwargs)
+        int_to_float[dk.HALF_OFFSET] = int_to_float_count(offset)
+        assert "prmt.b32" in offset.asm["ptx"] and "sub.rn.f16x2" not in offset.asm["ptx"]
+        assert sum(loop_instructions(offset).values()) < sum(loop_instructions(half).values())
+        built += [half, offset]
         built.append(build(dk._attention_kernel, {"pos_ptr": "*i64"}, D=64, BLOCK_T=128, USE_PDL=True))
         assert all(k.asm["cubin"] and "griddepcontrol.wait" in k.asm["ptx"] for k in built)
-        assert int_to_float[dk.BITS] == int_to_float[dk.HALF] == 0 < int_to_float[dk.CVT], int_to_float
+        assert int_to_float[dk.BITS] == int_to_float[dk.HALF] == int_to_float[dk.HALF_OFFSET] == 0, int_to_float
+        assert int_to_float[dk.CVT] > 0, int_to_float
         print("built", len(built))
     """)
-    assert "built 11" in out
+    assert "built 12" in out

@@ -78,12 +78,19 @@ def test_int8_weight_only_kernel_matches_plain_formula_and_serves(model):
     every = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).view(4, 64).cuda()
     x = torch.randn(1, 64, device="cuda", dtype=torch.bfloat16)
     ones = torch.ones(4, device="cuda", dtype=torch.bfloat16)
+    # and several K blocks with a masked tail (half_offset takes its offset off per x element)
+    long_w = torch.randint(-128, 128, (40, 1040), dtype=torch.int8, device="cuda")
+    long_x = torch.randn(1, 1040, device="cuda", dtype=torch.bfloat16)
+    long_want = long_x.float() @ long_w.float().T
     before = decode_kernels.INT8_CONVERT
     try:
-        for convert in ("bits", "cvt", "half"):
+        for convert in decode_kernels.INT8_CONVERTS:
             decode_kernels.INT8_CONVERT = convert
             got = decode_kernels.linear(x, every, scales=ones).float()
             assert torch.allclose(got, x.float() @ every.float().T, rtol=1e-2, atol=1e-2), convert
+            got = decode_kernels.linear(long_x, long_w, scales=torch.ones(40, device="cuda")).float()
+            err = ((got - long_want).abs().max() / long_want.abs().max()).item()
+            assert err < 1e-2, (convert, err)
     finally:
         decode_kernels.INT8_CONVERT = before
     engine = Engine(qmodel, max_batch=48, compile=True)
