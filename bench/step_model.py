@@ -67,8 +67,10 @@ def main() -> None:
     results = [json.loads(Path(path).read_text()) for path in args.tuning_json]
     step_us, measured = {}, {}
     for path, result in zip(args.tuning_json, results):
+        seen = set()  # within a run, the first row per (shape, weights): --int8-converts' first conversion
         for r in result["rows"]:
-            if r["batch"] == 1:
+            if r["batch"] == 1 and (r["shape"], r["weights"]) not in seen:
+                seen.add((r["shape"], r["weights"]))
                 step_us[(r["shape"], r["weights"])] = min(r["tuned_us_per_step"])
                 measured[f'{r["shape"]} {r["weights"]}'] = {"source": path, "device": result["device"],
                                                               "date": result["date"]}

@@ -15,6 +15,10 @@ positions in):
 3. the autotuned and the tuned step timed again, interleaved, --repeats times each.
 --table merges the picks into a tuned table (decode_kernels.TUNED_PATH's format) under this
 GPU's name, where the engine finds them.
+
+--int8-converts half,half_offset tunes int8 once per DECODE_INT8_CONVERT and then times the
+conversions' tuned steps side by side, interleaved (int8_convert_side_by_side); the table takes
+the first one's picks.
 """
 from __future__ import annotations
 
@@ -124,6 +128,25 @@ def tune(name: str, weights: str, model: GPT, args: argparse.Namespace) -> dict:
     return row
 
 
+def side_by_side(name: str, model: GPT, rows: list[dict], args: argparse.Namespace) -> dict:
+    """The int8 conversions' tuned steps timed in turn, --repeats rounds: each with its own
+    picks, so what differs between them is the conversion (and what it made the tuner pick)."""
+    tokens, pos, cache = decode_inputs(model, 1)
+    table = decode_kernels.tuned_table(tokens.device)
+    times: dict[str, list[float]] = {row["int8_convert"]: [] for row in rows}
+    for _ in range(args.repeats):
+        for row in rows:
+            decode_kernels.INT8_CONVERT = row["int8_convert"]
+            table.clear()
+            table.update(row["table"])
+            times[row["int8_convert"]].append(round(step_us(model, tokens, pos, cache, args.replays), 2))
+    first = rows[0]["int8_convert"]
+    result = {"shape": name, "us_per_step": times,
+              f"speedup_vs_{first}": {c: round(min(times[first]) / min(t), 3) for c, t in times.items()}}
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="124M,355M,774M")
@@ -132,7 +155,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="autotuned/tuned timings, interleaved, at the end")
     ap.add_argument("--out", default="bench/results/decode_tuning_h100.json")
     ap.add_argument("--table", default=None, help="merge the picks into this tuned table (JSON)")
+    ap.add_argument("--int8-converts", default=decode_kernels.INT8_CONVERT,
+                    help="int8 conversions to tune and compare (comma-separated; the first one's picks go "
+                         f"into --table): {', '.join(decode_kernels.INT8_CONVERTS)}")
     args = ap.parse_args()
+    converts = args.int8_converts.split(",")
+    unknown = sorted(set(converts) - set(decode_kernels.INT8_CONVERTS))
+    if unknown:
+        raise SystemExit(f"--int8-converts: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(decode_kernels.INT8_CONVERTS)}")
     if not (torch.cuda.is_available() and decode_kernels.available()):
         raise SystemExit("tune_decode.py needs a CUDA GPU and Triton")
     device = torch.cuda.get_device_name()
@@ -149,10 +180,21 @@ def main() -> None:
         model = model.to(torch.bfloat16).eval()
         for weights in args.weights.split(","):
             m = model if weights == "bf16" else quantize_model(model, "int8-weight-only")[0].cuda().to(torch.bfloat16)
-            row = tune(name, weights, m.eval(), args)
-            result["rows"].append(row)
-            merged.update(row["table"])
-            out.write_text(json.dumps(result, indent=2) + "\n")  # each row as it ends
+            rows = []
+            for convert in converts if weights == "int8" else [None]:
+                if convert:
+                    decode_kernels.INT8_CONVERT = convert
+                row = tune(name, weights, m.eval(), args)
+                if convert:
+                    row["int8_convert"] = convert
+                rows.append(row)
+                result["rows"].append(row)
+                out.write_text(json.dumps(result, indent=2) + "\n")  # each row as it ends
+            merged.update(rows[0]["table"])
+            if len(rows) > 1:
+                result.setdefault("int8_convert_side_by_side", []).append(side_by_side(name, m, rows, args))
+                out.write_text(json.dumps(result, indent=2) + "\n")
+            decode_kernels.INT8_CONVERT = converts[0]
             if args.table:
                 write_table(Path(args.table), device, merged, result)
             del m

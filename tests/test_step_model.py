@@ -52,12 +52,17 @@ def test_fit_needs_two_shapes_and_the_script_reads_a_tuning_result(tmp_path: Pat
 
 
 def test_a_later_tuning_run_replaces_an_earlier_ones_steps(tmp_path: Path) -> None:
-    """bf16 from one run, int8 from a later one (a retune of int8 alone): the later steps win."""
+    """bf16 from one run, int8 from a later one (a retune of int8 alone): the later steps win;
+    within a run, the first row of a (shape, weights) (tune_decode's --int8-converts' first)."""
     old, new = synthetic(a=5.0, bf16_tb_s=2.0, int8_tb_s=1.2), synthetic(a=5.0, bf16_tb_s=2.0, int8_tb_s=1.6)
+    other_convert = synthetic(a=5.0, bf16_tb_s=2.0, int8_tb_s=1.9)
     paths = []
     for name, times, weights in (("old", old, ("bf16", "int8")), ("new", new, ("int8",))):
         rows = [{"shape": s, "weights": w, "batch": 1, "tuned_us_per_step": [t]}
                 for (s, w), t in times.items() if w in weights]
+        if name == "new":
+            rows += [{"shape": s, "weights": w, "batch": 1, "tuned_us_per_step": [t], "int8_convert": "other"}
+                     for (s, w), t in other_convert.items() if w == "int8"]
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps({"device": f"GPU {name}", "date": name, "rows": rows}))
     out = subprocess.run([sys.executable, "bench/step_model.py", *map(str, paths)], capture_output=True, text=True,
