@@ -3,6 +3,8 @@
     python bench/engine_host.py                      # 128 rows, 64-token prompts, 50 new tokens
     python bench/engine_host.py --max-tokens 900     # little turnover: rows decode ~900 steps each
     python bench/engine_host.py --profile            # and a cProfile top 15 of one more run
+    python bench/engine_host.py --rows 1 --connections 4 --stats-interval 0,0.02 \
+        --out bench/results/engine_host_flush_cpu.json  # one stream, 4 HTTP workers' connections
 
 On a GPU a decode step is one CUDA graph replay, so under load the step rate is bounded by the
 host's bookkeeping around it. Here the real Engine.step runs (_drop_cancelled, _admit, _prefill,
@@ -16,6 +18,11 @@ flight as benchmark_api's clients do: every finished request is replaced at the 
 first wave's lengths are staggered so that requests finish a few per step, as under load.
 Greedy only (sampling adds device work, not host work).
 
+With --connections N the real engine_process._Worker sends each step's messages (tokens,
+finished requests, stats) over N pipes, each read by a child process as an HTTP worker reads
+its connection; requests are spread over the connections. --stats-interval takes a list of
+engine_process.STATS_INTERVAL_S values, run in turn within each run (side by side).
+
 Prints, per run and the median: us per engine step (one Engine.step: a prefill when due, one
 decode launch and its read-back) and us per row-step (one request's token in one decode step).
 """
@@ -23,6 +30,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import datetime as dt
+import json
+import multiprocessing
 import pstats
 import statistics
 import sys
@@ -33,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import Engine, SamplingParams  # noqa: E402
+import engine_process  # noqa: E402
 from engine_process import token_collector  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -70,11 +81,46 @@ def build(args: argparse.Namespace) -> Engine:
         return stats
 
     engine.on_step_end = on_step_end
+    if args.connections:
+        worker = connect(engine, args.connections)
+        clients = list(worker.clients.values())
+
+        def submit(max_tokens: int) -> None:  # noqa: F811  (through the worker, spread over its connections)
+            rid = next(rids)
+            worker.submit(clients[rid % len(clients)], rid, prompt, (max_tokens, 0.0, 0, 1.0, None, (eos,)))
+
+        def refill() -> None:
+            worker.flush()
+            for _ in range(args.rows - engine.num_running - engine.num_waiting):
+                submit(args.max_tokens)
+
+        engine.on_step_end = refill
     for i in range(args.rows):
         submit(1 + i * args.max_tokens // args.rows)
     for _ in range(min(3 * args.max_tokens, 200)):  # into the steady state
         engine.step()
     return engine
+
+
+def _read_until_closed(conn: multiprocessing.connection.Connection) -> None:
+    try:
+        while True:
+            conn.recv_bytes()
+    except (EOFError, OSError):
+        pass
+
+
+def connect(engine: Engine, n: int) -> "engine_process._Worker":
+    """A real _Worker over `engine` with n connections, each read by a child process."""
+    worker = engine_process._Worker(engine, {})
+    engine_process.memory_used_bytes = lambda e: 0  # the stub model has no GPU memory to read
+    for i in range(n):
+        to_child, from_parent = multiprocessing.Pipe()
+        from_child, to_parent = multiprocessing.Pipe()
+        worker.add_client(from_parent, to_parent, owner=i == 0)
+        multiprocessing.Process(target=_read_until_closed, args=(from_child,), daemon=True).start()
+        from_child.close()
+    return worker
 
 
 def run(engine: Engine, steps: int) -> tuple[float, float]:
@@ -97,16 +143,41 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000, help="timed engine steps per run")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="then a cProfile top 15 of one more run")
+    p.add_argument("--connections", type=int, default=0,
+                   help="send each step's messages through a real _Worker to this many connections "
+                        "(0: read the stats only)")
+    p.add_argument("--stats-interval", default=str(engine_process.STATS_INTERVAL_S),
+                   help="engine_process.STATS_INTERVAL_S values, comma-separated, run side by side "
+                        "(with --connections)")
+    p.add_argument("--out", default=None, help="also write the results here (JSON)")
     args = p.parse_args()
+    intervals = [float(v) for v in args.stats_interval.split(",")]
     engine = build(args)
-    results = []
+    results: dict[float, list[tuple[float, float]]] = {v: [] for v in intervals}
     for i in range(args.runs):
-        results.append(run(engine, args.steps))
-        print(f"run {i}: {results[-1][0]:7.1f} us/step  {results[-1][1]:5.2f} us/row-step")
-    print(f"median: {statistics.median(r[0] for r in results):7.1f} us/step  "
-          f"{statistics.median(r[1] for r in results):5.2f} us/row-step  (rows={args.rows}, "
-          f"prompt={args.prompt_len}, max_tokens={args.max_tokens}, decode_steps={args.decode_steps}, "
-          f"prefill_wait_steps={args.prefill_wait_steps})")
+        for interval in intervals:
+            engine_process.STATS_INTERVAL_S = interval
+            results[interval].append(run(engine, args.steps))
+            print(f"run {i} stats interval {interval}: {results[interval][-1][0]:7.1f} us/step  "
+                  f"{results[interval][-1][1]:5.2f} us/row-step")
+    summary = []
+    for interval, rs in results.items():
+        summary.append({"stats_interval_s": interval, "us_per_step": round(statistics.median(r[0] for r in rs), 2),
+                        "us_per_row_step": round(statistics.median(r[1] for r in rs), 3),
+                        "runs_us_per_step": [round(r[0], 2) for r in rs]})
+        print(f"median (stats interval {interval}): {summary[-1]['us_per_step']:7.1f} us/step  "
+              f"{summary[-1]['us_per_row_step']:5.2f} us/row-step  (rows={args.rows}, prompt={args.prompt_len}, "
+              f"max_tokens={args.max_tokens}, decode_steps={args.decode_steps}, "
+              f"prefill_wait_steps={args.prefill_wait_steps}, connections={args.connections})")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "device": f"cpu: {multiprocessing.cpu_count()} cores", "torch": torch.__version__,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python " + " ".join(sys.argv), "rows": args.rows, "connections": args.connections,
+            "results": summary,
+            "notes": ["Host time per engine step with a stub model (no GPU work); each connection's messages are "
+                      "read by a child process. stats_interval_s 0 is the behaviour before STATS_INTERVAL_S: "
+                      "every connection hears the stats after every step."]}, indent=1) + "\n")
     if args.profile:
         prof = cProfile.Profile()
         prof.runcall(run, engine, args.steps)
