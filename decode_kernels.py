@@ -168,6 +168,35 @@ if triton is not None:
     _HALF_OFFSET, _HALF_OFFSET_OPS = tl.constexpr(HALF_OFFSET), tl.constexpr(HALF_OFFSET_OPS)
     _HALF_BASE = tl.constexpr(HALF_BASE)
 
+    def _half_ptx(subtract: bool) -> str:
+        """PTX for four int8 weights (one b32, $4) into four fp32 ($0-$3): each byte w ^ 0x80
+        as the low byte of the half 0x64XX, 1024 + w + 128 = w + HALF_BASE, exact; with
+        `subtract` two f16x2 subtractions of HALF_BASE leave w itself."""
+        sub = """
+                mov.b32 c, 0x64806480;
+                sub.rn.f16x2 lo, lo, c;
+                sub.rn.f16x2 hi, hi, c;""" if subtract else ""
+        return """{
+                .reg .b32 t, lo, hi, c;
+                .reg .b16 h0, h1, h2, h3;
+                xor.b32 t, $4, 0x80808080;
+                prmt.b32 lo, t, 0x64646464, 0x4140;
+                prmt.b32 hi, t, 0x64646464, 0x4342;""" + sub + """
+                mov.b32 {h0, h1}, lo;
+                mov.b32 {h2, h3}, hi;
+                cvt.f32.f16 $0, h0;
+                cvt.f32.f16 $1, h1;
+                cvt.f32.f16 $2, h2;
+                cvt.f32.f16 $3, h3;
+                }"""
+
+    _HALF_PTX, _HALF_OFFSET_PTX = tl.constexpr(_half_ptx(True)), tl.constexpr(_half_ptx(False))
+
+    @triton.jit
+    def _ptx_weights_fp32(w, ASM: tl.constexpr):
+        return tl.inline_asm_elementwise(asm=ASM, constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32,
+                                         is_pure=True, pack=4)
+
     @triton.jit
     def _weight_fp32(w, INT8_BITS: tl.constexpr):
         """A weight tile in fp32 (INT8_BITS: the int8 conversion, see INT8_CONVERT).
@@ -181,40 +210,9 @@ if triton is not None:
         value is w + HALF_BASE; the caller takes HALF_BASE * x off the products (_gemv_kernel).
         The tl.dot kernel needs none of this: Triton converts int8 to bf16 without it."""
         if INT8_BITS == _HALF:
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, lo, hi, c;
-                .reg .b16 h0, h1, h2, h3;
-                xor.b32 t, $4, 0x80808080;
-                prmt.b32 lo, t, 0x64646464, 0x4140;
-                prmt.b32 hi, t, 0x64646464, 0x4342;
-                mov.b32 c, 0x64806480;
-                sub.rn.f16x2 lo, lo, c;
-                sub.rn.f16x2 hi, hi, c;
-                mov.b32 {h0, h1}, lo;
-                mov.b32 {h2, h3}, hi;
-                cvt.f32.f16 $0, h0;
-                cvt.f32.f16 $1, h1;
-                cvt.f32.f16 $2, h2;
-                cvt.f32.f16 $3, h3;
-                }""",
-                constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+            return _ptx_weights_fp32(w, _HALF_PTX)
         elif INT8_BITS == _HALF_OFFSET:
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, lo, hi;
-                .reg .b16 h0, h1, h2, h3;
-                xor.b32 t, $4, 0x80808080;
-                prmt.b32 lo, t, 0x64646464, 0x4140;
-                prmt.b32 hi, t, 0x64646464, 0x4342;
-                mov.b32 {h0, h1}, lo;
-                mov.b32 {h2, h3}, hi;
-                cvt.f32.f16 $0, h0;
-                cvt.f32.f16 $1, h1;
-                cvt.f32.f16 $2, h2;
-                cvt.f32.f16 $3, h3;
-                }""",
-                constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+            return _ptx_weights_fp32(w, _HALF_OFFSET_PTX)
         elif INT8_BITS == _HALF_OPS or INT8_BITS == _HALF_OFFSET_OPS:
             half = ((w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
             if INT8_BITS == _HALF_OPS:

@@ -57,9 +57,10 @@ GPU_PREFILL_WAIT_STEPS = 4  # PREFILL_WAIT_STEPS when unset, on a GPU
 MEMORY_READ_INTERVAL_S = 1.0  # how stale the GPU memory in the stats may be
 # While the engine runs, a connection with no tokens of its own in a step hears the stats at
 # most this often: every step's counters and KV usage change, and with HTTP_WORKERS=4 a
-# single stream otherwise cost the step 4 messages instead of 1 (13.4 against 2.9 us of
-# flush per step on a 2-core CPU). A change of health goes out at once, and every connection
-# hears the final stats before the engine waits idle.
+# single stream otherwise cost the step 4 messages instead of 1 (host time per engine step,
+# model stubbed out, 2-core CPU: 35.4 against 19.5 us, bench/results/engine_host_flush_cpu.json).
+# A change of health goes out at once, and every connection hears the final stats before the
+# engine waits idle.
 STATS_INTERVAL_S = 0.02
 
 

@@ -61,40 +61,40 @@ def build(args: argparse.Namespace) -> Engine:
     engine._run_decode = lambda B, length, steps: tokens[:steps, :B]
     engine._run_prefill = lambda rows, T, length: torch.zeros(rows, 1, VOCAB)
     prompt = torch.randint(0, eos, (args.prompt_len,)).tolist()
-    new_tokens: dict[int, list[int]] = {}  # as _Worker's: this step's tokens per request id
-    finished: list[int] = []
     rids = iter(range(1 << 62))
-
-    def submit(max_tokens: int) -> None:
-        rid = next(rids)
-        engine.submit(prompt, SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,)),
-                      on_token=token_collector(new_tokens, rid), on_finish=lambda r: finished.append(rid))
-
-    def on_step_end() -> tuple:
-        # what _Worker.flush reads from the engine after every step, then the clients' next requests
-        stats = (engine.num_running, engine.num_waiting, round(engine.kv_cache_usage, 6), bool(engine.healthy),
-                 dict(engine.counters))
-        new_tokens.clear()
-        for _ in range(len(finished)):
-            submit(args.max_tokens)
-        finished.clear()
-        return stats
-
-    engine.on_step_end = on_step_end
     if args.connections:
         worker = connect(engine, args.connections)
         clients = list(worker.clients.values())
 
-        def submit(max_tokens: int) -> None:  # noqa: F811  (through the worker, spread over its connections)
+        def submit(max_tokens: int) -> None:  # through the worker, spread over its connections
             rid = next(rids)
             worker.submit(clients[rid % len(clients)], rid, prompt, (max_tokens, 0.0, 0, 1.0, None, (eos,)))
 
-        def refill() -> None:
+        def on_step_end() -> None:
+            # the worker's messages for this step, then the clients' next requests
             worker.flush()
             for _ in range(args.rows - engine.num_running - engine.num_waiting):
                 submit(args.max_tokens)
+    else:
+        new_tokens: dict[int, list[int]] = {}  # as _Worker's: this step's tokens per request id
+        finished: list[int] = []
 
-        engine.on_step_end = refill
+        def submit(max_tokens: int) -> None:
+            rid = next(rids)
+            engine.submit(prompt, SamplingParams(max_tokens=max_tokens, stop_token_ids=(eos,)),
+                          on_token=token_collector(new_tokens, rid), on_finish=lambda r: finished.append(rid))
+
+        def on_step_end() -> tuple:
+            # what _Worker.flush reads from the engine after every step, then the clients' next requests
+            stats = (engine.num_running, engine.num_waiting, round(engine.kv_cache_usage, 6),
+                     bool(engine.healthy), dict(engine.counters))
+            new_tokens.clear()
+            for _ in range(len(finished)):
+                submit(args.max_tokens)
+            finished.clear()
+            return stats
+
+    engine.on_step_end = on_step_end
     for i in range(args.rows):
         submit(1 + i * args.max_tokens // args.rows)
     for _ in range(min(3 * args.max_tokens, 200)):  # into the steady state
@@ -113,7 +113,6 @@ def _read_until_closed(conn: multiprocessing.connection.Connection) -> None:
 def connect(engine: Engine, n: int) -> "engine_process._Worker":
     """A real _Worker over `engine` with n connections, each read by a child process."""
     worker = engine_process._Worker(engine, {})
-    engine_process.memory_used_bytes = lambda e: 0  # the stub model has no GPU memory to read
     for i in range(n):
         to_child, from_parent = multiprocessing.Pipe()
         from_child, to_parent = multiprocessing.Pipe()
